@@ -1,0 +1,24 @@
+"""tdpo-trl: TDPO-R reinforcement learning for text-to-image diffusion models, on TRL's DDPO."""
+
+__version__ = "0.1.0.dev0"
+
+from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
+from .modeling_critic import CLIPImageFeatures, LatentFeatures, TimestepCritic, ValueHead
+from .pipeline import TDPOStableDiffusionPipeline
+from .tdpo_config import TDPOConfig
+from .tdpo_trainer import TDPOTrainer
+
+
+__all__ = [
+    "CLIPImageFeatures",
+    "LatentFeatures",
+    "TDPOConfig",
+    "TDPOStableDiffusionPipeline",
+    "TDPOTrainer",
+    "TimestepCritic",
+    "ValueHead",
+    "clipped_value_loss",
+    "discounted_returns",
+    "explained_variance",
+    "temporal_advantages",
+]

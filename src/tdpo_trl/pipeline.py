@@ -1,0 +1,104 @@
+"""`TDPOStableDiffusionPipeline`: TRL's default DDPO pipeline, constructible before any Accelerator exists."""
+
+import logging
+from typing import Optional, Union
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import LoraConfig, set_peft_model_state_dict
+from trl import DefaultDDPOStableDiffusionPipeline
+
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def default_lora_config() -> LoraConfig:
+    """The adapter TRL's DDPO trains: rank 4 on the attention projections."""
+    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+
+
+class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
+    """Stable Diffusion wrapped for DDPO / TDPO training (DDIM sampling that records log-probs).
+
+    Differences from `trl.DefaultDDPOStableDiffusionPipeline`:
+    - it can be built before any `Accelerator` (TRL's warns through accelerate's logger and raises `RuntimeError`);
+    - it accepts an already-built `StableDiffusionPipeline` as well as a model id or path;
+    - the LoRA adapter is configurable (`lora_config`);
+    - checkpoints are loaded into the adapter being trained, not into a new one.
+
+    Args:
+        pretrained_model_name: a diffusers Stable Diffusion model id, a local folder, or a `StableDiffusionPipeline`.
+        pretrained_model_revision: Hub revision, for ids.
+        use_lora: train a LoRA adapter on the UNet (`True`) or the whole UNet (`False`).
+        lora_config: the adapter to train; defaults to `default_lora_config()`.
+        torch_dtype: dtype to load the pipeline in.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name: Union[str, StableDiffusionPipeline],
+        *,
+        pretrained_model_revision: str = "main",
+        use_lora: bool = True,
+        lora_config: Optional[LoraConfig] = None,
+        torch_dtype: Optional[torch.dtype] = None,
+    ):
+        if isinstance(pretrained_model_name, StableDiffusionPipeline):
+            self.sd_pipeline = pretrained_model_name
+            self.pretrained_model = self.sd_pipeline.config.get("_name_or_path")
+        elif isinstance(pretrained_model_name, str):
+            kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+            self.sd_pipeline = StableDiffusionPipeline.from_pretrained(
+                pretrained_model_name, revision=pretrained_model_revision, **kwargs
+            )
+            self.pretrained_model = pretrained_model_name
+        else:
+            raise TypeError(
+                "`pretrained_model_name` must be a model id, a local path or a StableDiffusionPipeline, got "
+                f"{type(pretrained_model_name).__name__}"
+            )
+        self.pretrained_revision = pretrained_model_revision
+        self.use_lora = use_lora
+        self.lora_config = lora_config if lora_config is not None else default_lora_config()
+
+        self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
+        scheduler_config = self.sd_pipeline.scheduler.config
+        if scheduler_config.timestep_spacing == "leading" and scheduler_config.steps_offset == 0:
+            # The last DDIM step would be t=0, where the step's variance is 0 and its log-prob is not finite.
+            raise ValueError(
+                "the scheduler has timestep_spacing='leading' with steps_offset=0, so DDIM sampling ends at t=0 where "
+                "log-probabilities are undefined; set `steps_offset=1` (as Stable Diffusion) or "
+                "timestep_spacing='trailing' in the scheduler config"
+            )
+        self.sd_pipeline.safety_checker = None
+        self.sd_pipeline.vae.requires_grad_(False)
+        self.sd_pipeline.text_encoder.requires_grad_(False)
+        self.sd_pipeline.unet.requires_grad_(not self.use_lora)
+
+    def get_trainable_layers(self) -> torch.nn.Module:
+        """Attach the LoRA adapter (if `use_lora`) and return the UNet, whose trainable weights are in fp32."""
+        unet = self.sd_pipeline.unet
+        if self.use_lora:
+            if getattr(unet, "peft_config", None) and "default" in unet.peft_config:
+                raise RuntimeError("the UNet already has a 'default' LoRA adapter; build a new pipeline to retrain")
+            unet.add_adapter(self.lora_config)
+            for param in unet.parameters():
+                if param.requires_grad:  # only the adapter: upcast so fp16 runs can unscale its gradients
+                    param.data = param.data.float()
+        return unet
+
+    def load_checkpoint(self, models, input_dir):
+        """Load a checkpoint's LoRA weights into the adapter being trained (`default`)."""
+        if not self.use_lora:
+            return super().load_checkpoint(models, input_dir)
+        if len(models) != 1:
+            raise ValueError(f"expected the UNet alone, got {len(models)} models")
+        state_dict, _ = self.sd_pipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
+        unet_state_dict = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+        unet_state_dict = convert_unet_state_dict_to_peft(unet_state_dict)
+        result = set_peft_model_state_dict(models[0], unet_state_dict, adapter_name="default")
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {input_dir} has LoRA keys this UNet lacks: {result.unexpected_keys[:5]}")

@@ -1,0 +1,244 @@
+"""Configuration for the TDPO-R trainer."""
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trl import DDPOConfig
+
+
+class JSONDict(dict):
+    """A `dict` that can also be built from a JSON string.
+
+    `HfArgumentParser` calls a field's type on the command-line string, and plain `dict` rejects it ("invalid dict
+    value"). Typing the dict-valued fields as `JSONDict` makes `--tracker_kwargs '{"wandb": {"entity": "me"}}'` work.
+    """
+
+    def __init__(self, value=(), **kwargs):
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"expected a JSON object, got {value!r} ({err})") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"expected a JSON object, got {value!r}")
+            value = parsed
+        super().__init__(value, **kwargs)
+
+
+_DICT_FIELDS = ("tracker_kwargs", "accelerator_kwargs", "project_kwargs")
+_CRITIC_ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
+
+
+@dataclass
+class TDPOConfig(DDPOConfig):
+    r"""
+    Configuration class for [`TDPOTrainer`]: every field of TRL's `DDPOConfig`, plus the TDPO-R critic.
+
+    TDPO-R (Zhang et al., ICML 2024) trains a per-timestep critic V(x_t) next to the diffusion policy and uses
+    temporal-difference advantages A_t = G_t - V(x_t) at every denoising step. With `use_critic=False` the same
+    trainer runs plain DDPO.
+
+    Every field can be set from the command line with [`~transformers.HfArgumentParser`]; dict-valued fields take a
+    JSON string.
+
+    Parameters:
+        > Parameters whose DDPO defaults are changed
+
+        train_adv_clip_max (`float` or `None`, *optional*, defaults to `None`):
+            Clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`. `None` means DDPO's 5.0 when
+            `use_critic=False` and no clipping when `use_critic=True` (as the TDPO-R paper).
+
+        > Parameters that control the critic
+
+        use_critic (`bool`, *optional*, defaults to `True`):
+            Train a per-timestep critic and use temporal advantages (TDPO). `False` runs plain DDPO.
+        critic_encoder (`str`, *optional*, defaults to `"openai/clip-vit-large-patch14"`):
+            What the critic reads. A CLIP vision checkpoint id or local path: x_t is decoded by the VAE and embedded
+            by that frozen image encoder (the paper's critic). `"latents"`: the flattened latent x_t itself, no
+            decoding (cheap; for small models). Pass `critic=` to [`TDPOTrainer`] for any other encoder.
+        critic_hidden_sizes (`list[int]`, *optional*, defaults to `[1024, 128, 64, 16]`):
+            Hidden layer widths of the critic's MLP head (the LAION aesthetic-predictor shape).
+        critic_dropout (`list[float]`, *optional*, defaults to `[0.2, 0.2, 0.1, 0.0]`):
+            Dropout after each hidden layer; one value per entry of `critic_hidden_sizes`.
+        critic_activation (`str`, *optional*, defaults to `"none"`):
+            Nonlinearity between hidden layers: `"none"` (as the paper), `"relu"`, `"gelu"`, `"silu"` or `"tanh"`.
+        critic_learning_rate (`float`, *optional*, defaults to `1e-4`):
+            Learning rate of the critic's AdamW optimizer.
+        critic_adam_beta1 (`float`, *optional*, defaults to `0.9`):
+            Critic AdamW beta1.
+        critic_adam_beta2 (`float`, *optional*, defaults to `0.999`):
+            Critic AdamW beta2.
+        critic_adam_weight_decay (`float`, *optional*, defaults to `1e-4`):
+            Critic AdamW weight decay.
+        critic_adam_epsilon (`float`, *optional*, defaults to `1e-8`):
+            Critic AdamW epsilon.
+        critic_value_clip_range (`float`, *optional*, defaults to `0.2`):
+            PPO2-style value clipping around the values recorded at sampling time; `0` turns it off.
+        critic_loss_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the critic loss in the total loss.
+        critic_max_grad_norm (`float`, *optional*, defaults to `1.0`):
+            Gradient-norm clip for the critic (the policy uses `train_max_grad_norm`).
+        critic_encode_batch_size (`int`, *optional*, defaults to `32`):
+            How many latents are VAE-decoded and embedded at once when caching critic features after sampling.
+
+        > Parameters that control returns and advantages
+
+        gamma (`float`, *optional*, defaults to `1.0`):
+            Discount factor across denoising steps. With the default every step's return is the final reward.
+        normalize_temporal_advantages (`bool`, *optional*, defaults to `True`):
+            Normalize the temporal advantages over all (sample, step) entries of an epoch, across processes.
+    """
+
+    # Dict-valued DDPO fields, re-typed so that they accept JSON strings on the command line.
+    tracker_kwargs: JSONDict = field(
+        default_factory=JSONDict,
+        metadata={"help": "Keyword arguments for the tracker (e.g. wandb_project), as a JSON object."},
+    )
+    accelerator_kwargs: JSONDict = field(
+        default_factory=JSONDict,
+        metadata={"help": "Keyword arguments for the accelerator, as a JSON object."},
+    )
+    project_kwargs: JSONDict = field(
+        default_factory=JSONDict,
+        metadata={
+            "help": "Keyword arguments for accelerate's ProjectConfiguration, as a JSON object. Without "
+            "`project_dir`, checkpoints go to `<logdir>/<run_name or exp_name>`."
+        },
+    )
+    train_adv_clip_max: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Clip advantages to [-x, x]. None: 5.0 in DDPO mode (use_critic=False), no clipping in TDPO mode "
+            "(as the paper)."
+        },
+    )
+
+    use_critic: bool = field(
+        default=True,
+        metadata={"help": "Train a per-timestep critic and use temporal advantages (TDPO). False runs plain DDPO."},
+    )
+    critic_encoder: str = field(
+        default="openai/clip-vit-large-patch14",
+        metadata={
+            "help": "What the critic reads: a CLIP vision checkpoint id or path (x_t is VAE-decoded and embedded, as "
+            "the paper), or 'latents' (the flattened latent x_t, no decoding)."
+        },
+    )
+    critic_hidden_sizes: list[int] = field(
+        default_factory=lambda: [1024, 128, 64, 16],
+        metadata={"help": "Hidden layer widths of the critic's MLP head."},
+    )
+    critic_dropout: list[float] = field(
+        default_factory=lambda: [0.2, 0.2, 0.1, 0.0],
+        metadata={"help": "Dropout after each hidden layer of the critic head; one value per hidden layer."},
+    )
+    critic_activation: str = field(
+        default="none",
+        metadata={
+            "help": "Nonlinearity between the critic's hidden layers ('none' as the paper).",
+            "choices": list(_CRITIC_ACTIVATIONS),
+        },
+    )
+    critic_learning_rate: float = field(default=1e-4, metadata={"help": "Critic AdamW learning rate."})
+    critic_adam_beta1: float = field(default=0.9, metadata={"help": "Critic AdamW beta1."})
+    critic_adam_beta2: float = field(default=0.999, metadata={"help": "Critic AdamW beta2."})
+    critic_adam_weight_decay: float = field(default=1e-4, metadata={"help": "Critic AdamW weight decay."})
+    critic_adam_epsilon: float = field(default=1e-8, metadata={"help": "Critic AdamW epsilon."})
+    critic_value_clip_range: float = field(
+        default=0.2,
+        metadata={"help": "Clip new values to old values +- this range in the value loss; 0 turns clipping off."},
+    )
+    critic_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the critic loss in the total loss."})
+    critic_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip for the critic."})
+    critic_encode_batch_size: int = field(
+        default=32,
+        metadata={"help": "Latents decoded and embedded at once when caching critic features after sampling."},
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor across denoising steps."})
+    normalize_temporal_advantages: bool = field(
+        default=True,
+        metadata={"help": "Normalize temporal advantages over all (sample, step) entries, across processes."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in _DICT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (dict, str)):
+                raise ValueError(f"`{name}` must be a dict or a JSON object string, got {value!r}")
+            try:
+                setattr(self, name, JSONDict(value))
+            except ValueError as err:
+                raise ValueError(f"`{name}`: {err}") from None
+
+        if self.train_adv_clip_max is None:
+            self.train_adv_clip_max = math.inf if self.use_critic else 5.0
+        self._check_values()
+
+    def _check_values(self):
+        positive_ints = (
+            "num_epochs",
+            "save_freq",
+            "sample_num_steps",
+            "sample_batch_size",
+            "sample_num_batches_per_epoch",
+            "train_batch_size",
+            "train_gradient_accumulation_steps",
+            "train_num_inner_epochs",
+            "critic_encode_batch_size",
+        )
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        positive_floats = ("train_learning_rate", "critic_learning_rate", "train_clip_range", "train_adv_clip_max")
+        for name in positive_floats:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}")
+        non_negative = ("critic_value_clip_range", "critic_loss_coef", "sample_eta")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.train_timestep_fraction <= 1.0:
+            raise ValueError(f"`train_timestep_fraction` must be in (0, 1], got {self.train_timestep_fraction}")
+        if int(self.sample_num_steps * self.train_timestep_fraction) < 1:
+            raise ValueError(
+                f"`sample_num_steps` * `train_timestep_fraction` = {self.sample_num_steps} * "
+                f"{self.train_timestep_fraction} trains on no timestep; raise one of them"
+            )
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"`gamma` must be in [0, 1], got {self.gamma}")
+        if self.sample_batch_size % self.train_batch_size != 0:
+            raise ValueError(
+                f"`sample_batch_size` ({self.sample_batch_size}) must be a multiple of `train_batch_size` "
+                f"({self.train_batch_size})"
+            )
+        num_minibatches = self.sample_batch_size * self.sample_num_batches_per_epoch // self.train_batch_size
+        if num_minibatches % self.train_gradient_accumulation_steps != 0:
+            raise ValueError(
+                f"each process trains on {num_minibatches} minibatches per epoch (`sample_batch_size` "
+                f"{self.sample_batch_size} * `sample_num_batches_per_epoch` {self.sample_num_batches_per_epoch} / "
+                f"`train_batch_size` {self.train_batch_size}), which is not a multiple of "
+                f"`train_gradient_accumulation_steps` ({self.train_gradient_accumulation_steps})"
+            )
+        if self.critic_activation not in _CRITIC_ACTIVATIONS:
+            raise ValueError(f"`critic_activation` must be one of {_CRITIC_ACTIVATIONS}, got {self.critic_activation!r}")
+        if not self.critic_hidden_sizes or any(size < 1 for size in self.critic_hidden_sizes):
+            raise ValueError(f"`critic_hidden_sizes` must be a non-empty list of sizes >= 1, got {self.critic_hidden_sizes}")
+        if len(self.critic_dropout) != len(self.critic_hidden_sizes):
+            raise ValueError(
+                f"`critic_dropout` needs one value per hidden layer: {len(self.critic_hidden_sizes)} hidden sizes "
+                f"{self.critic_hidden_sizes} but {len(self.critic_dropout)} dropout values {self.critic_dropout}"
+            )
+        if any(not 0.0 <= p < 1.0 for p in self.critic_dropout):
+            raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
+        if not self.critic_encoder:
+            raise ValueError("`critic_encoder` must be 'latents' or a CLIP vision checkpoint id or path, got ''")
+        if self.log_with not in (None, "wandb", "tensorboard"):
+            raise ValueError(f"`log_with` must be None, 'wandb' or 'tensorboard', got {self.log_with!r}")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Number of denoising steps per trajectory that are trained on."""
+        return int(self.sample_num_steps * self.train_timestep_fraction)

@@ -1,0 +1,468 @@
+"""TDPO-R trainer: DDPO with a per-timestep critic and temporal-difference advantages.
+
+Zhang et al., "Confronting Reward Overoptimization for Diffusion Models: A Perspective of Inductive and Primacy
+Biases", ICML 2024 (https://arxiv.org/abs/2402.08552). Built on TRL's `DDPOTrainer` (trl < 0.24).
+"""
+
+import math
+import os
+import time
+from collections import defaultdict
+from concurrent import futures
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from trl import DDPOTrainer
+from trl.models import DDPOStableDiffusionPipeline
+from trl.trainer.utils import PerPromptStatTracker
+
+from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
+from .modeling_critic import TimestepCritic
+from .tdpo_config import TDPOConfig
+
+
+logger = get_logger(__name__)
+
+# Sample entries indexed by denoising step: shape (N, T, ...). They are permuted along T before training.
+_PER_STEP_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "advantages", "critic_features", "values", "returns")
+
+
+class TrainingProgress:
+    """Epoch and global step, saved in every checkpoint through `accelerator.register_for_checkpointing`."""
+
+    def __init__(self):
+        self.epoch = 0  # next epoch to run
+        self.global_step = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+
+
+class TDPOTrainer(DDPOTrainer):
+    """Fine-tune a diffusion model on a reward with TDPO-R (or DDPO with `config.use_critic=False`).
+
+    Sampling records, for every denoising step t of every trajectory, the critic's value V(x_t) and the critic
+    features of x_t (cached, never recomputed). The final reward is normalized (per prompt or over the batch), turned
+    into per-step returns G_t, and into temporal advantages A_t = G_t - V(x_t). Training is timestep-major: for every
+    timestep position, for every minibatch, a PPO-clipped policy loss on that step's log-prob ratio plus a clipped value
+    loss. Gradients of the LoRA (or UNet) and of the critic head are all-reduced across processes.
+
+    Args:
+        config ([`TDPOConfig`]): training configuration.
+        reward_function (`Callable[[torch.Tensor, tuple[str], tuple[Any]], tuple[torch.Tensor, Any]]`):
+            `(images, prompts, prompt_metadata) -> (rewards, reward_metadata)`; images are `(B, 3, H, W)` in [0, 1].
+        prompt_function (`Callable[[], tuple[str, Any]]`): returns one `(prompt, metadata)` pair per call.
+        sd_pipeline ([`TDPOStableDiffusionPipeline`] or another `trl.DDPOStableDiffusionPipeline`): the model.
+        image_samples_hook (`Callable`, *optional*): called as `hook(prompt_image_data, global_step, tracker)`.
+        critic ([`TimestepCritic`], *optional*): a critic to use instead of the one `config.critic_encoder` names.
+
+    Example:
+        ```python
+        from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
+
+        pipeline = TDPOStableDiffusionPipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", use_lora=True)
+        trainer = TDPOTrainer(
+            TDPOConfig(num_epochs=100, sample_batch_size=8, train_batch_size=2),
+            reward_function=lambda images, prompts, metadata: (images.mean(dim=(1, 2, 3)), {}),
+            prompt_function=lambda: ("a photo of a cat", {}),
+            sd_pipeline=pipeline,
+        )
+        trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "ddpo", "tdpo"]
+
+    def __init__(
+        self,
+        config: TDPOConfig,
+        reward_function: Callable[[torch.Tensor, tuple[str], tuple[Any]], Any],
+        prompt_function: Callable[[], tuple[str, Any]],
+        sd_pipeline: DDPOStableDiffusionPipeline,
+        image_samples_hook: Optional[Callable[[Any, Any, Any], Any]] = None,
+        critic: Optional[TimestepCritic] = None,
+    ):
+        # DDPOTrainer.__init__ is not called: it forwards the un-wrapped UNet (no gradient all-reduce across
+        # processes), checkpoints on rank 0 only (deadlock), needs `project_kwargs` to save and validates after
+        # building the Accelerator. The methods that work are reused: `compute_rewards`, `loss`, `_setup_optimizer`,
+        # `_generate_samples`, `_config_check`.
+        if not isinstance(config, TDPOConfig):
+            raise TypeError(f"`config` must be a TDPOConfig, got {type(config).__name__}")
+        if critic is not None and not config.use_critic:
+            raise ValueError("a `critic` was given but `config.use_critic` is False (DDPO mode); drop one of them")
+        self.config = config
+        self.reward_fn = reward_function
+        self.prompt_fn = prompt_function
+        self.sd_pipeline = sd_pipeline
+        self.image_samples_callback = image_samples_hook
+        self.num_train_timesteps = config.num_train_timesteps
+        self.progress = TrainingProgress()
+        self.log_history: list[dict[str, float]] = []
+
+        self.accelerator = Accelerator(
+            log_with=config.log_with,
+            mixed_precision=config.mixed_precision,
+            project_config=self._project_configuration(),
+            # TDPO: one optimizer step per timestep position after `train_gradient_accumulation_steps` minibatches.
+            # DDPO: as TRL, accumulate over all trained timesteps of that many minibatches.
+            gradient_accumulation_steps=config.train_gradient_accumulation_steps
+            * (1 if config.use_critic else self.num_train_timesteps),
+            **config.accelerator_kwargs,
+        )
+        is_okay, message = self._config_check()
+        if not is_okay:
+            raise ValueError(message)
+        if self.accelerator.is_main_process and config.log_with is not None:
+            tracker_config = config.to_dict()
+            tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in tracker_config.items()}
+            self.accelerator.init_trackers(config.tracker_project_name, config=tracker_config, init_kwargs=config.tracker_kwargs)
+        set_seed(config.seed, device_specific=True)
+
+        self.sd_pipeline.set_progress_bar_config(
+            position=1, disable=True, leave=False, desc="Timestep", dynamic_ncols=True
+        )
+        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+        device = self.accelerator.device
+        for module in (self.sd_pipeline.vae, self.sd_pipeline.text_encoder, self.sd_pipeline.unet):
+            module.to(device, dtype=inference_dtype)
+        unet = self.sd_pipeline.get_trainable_layers()
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.optimizer = self._setup_optimizer([p for p in unet.parameters() if p.requires_grad])
+
+        with torch.no_grad():
+            negative_ids = self._tokenize([config.negative_prompts])
+            self.neg_prompt_embed = self.sd_pipeline.text_encoder(negative_ids)[0]
+        if config.per_prompt_stat_tracking:
+            self.stat_tracker = PerPromptStatTracker(
+                config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count
+            )
+        self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
+        if config.async_reward_computation:
+            self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
+
+        self.critic = None
+        if config.use_critic:
+            self.critic = critic if critic is not None else TimestepCritic.from_config(config, self._latent_shape())
+            self.critic.encoder.to(device, dtype=inference_dtype)
+            self.critic.head.to(device, dtype=torch.float32)
+            critic_optimizer = torch.optim.AdamW(
+                self.critic.head.parameters(),
+                lr=config.critic_learning_rate,
+                betas=(config.critic_adam_beta1, config.critic_adam_beta2),
+                weight_decay=config.critic_adam_weight_decay,
+                eps=config.critic_adam_epsilon,
+            )
+            self.unet, self.optimizer, self.critic_head, self.critic_optimizer = self.accelerator.prepare(
+                unet, self.optimizer, self.critic.head, critic_optimizer
+            )
+        else:
+            self.unet, self.optimizer = self.accelerator.prepare(unet, self.optimizer)
+        self.trainable_layers = [p for p in self.unet.parameters() if p.requires_grad]
+
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+        self.accelerator.register_for_checkpointing(self.progress)
+        if config.resume_from:
+            self._resume(config.resume_from)
+        self.first_epoch = self.progress.epoch
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _project_configuration(self) -> ProjectConfiguration:
+        """Checkpoints go to `<logdir>/<run_name>/checkpoints/checkpoint_<i>` unless `project_kwargs` says otherwise.
+
+        Without a `run_name` the run folder gets a timestamp, so that a second run never collides with the first.
+        """
+        config = self.config
+        kwargs = dict(config.project_kwargs)
+        if "project_dir" not in kwargs:
+            run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+            kwargs["project_dir"] = os.path.join(config.logdir, run_name)
+            kwargs.setdefault("automatic_checkpoint_naming", True)
+            kwargs.setdefault("total_limit", config.num_checkpoint_limit)
+        checkpoints = os.path.join(kwargs["project_dir"], "checkpoints")
+        if kwargs.get("automatic_checkpoint_naming") and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+            if not config.resume_from:
+                raise ValueError(
+                    f"{checkpoints!r} already holds checkpoints; set `resume_from` to continue that run, or choose "
+                    "another `run_name` or `logdir`"
+                )
+        return ProjectConfiguration(**kwargs)
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        unet_config = self.sd_pipeline.unet.config
+        return (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+
+    def _tokenize(self, prompts) -> torch.Tensor:
+        tokenizer = self.sd_pipeline.tokenizer
+        return tokenizer(
+            list(prompts), return_tensors="pt", padding="max_length", truncation=True, max_length=tokenizer.model_max_length
+        ).input_ids.to(self.accelerator.device)
+
+    def _resume(self, path: str):
+        path = os.path.normpath(os.path.expanduser(path))
+        if not os.path.isdir(path):
+            raise ValueError(f"`resume_from` {path!r} is not a directory")
+        if not os.path.basename(path).startswith("checkpoint_"):
+            folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+            numbers = sorted(int(n.split("_")[-1]) for n in os.listdir(folder) if n.startswith("checkpoint_"))
+            if not numbers:
+                raise ValueError(f"`resume_from` {path!r} holds no checkpoint_* folder")
+            path = os.path.join(folder, f"checkpoint_{numbers[-1]}")
+        logger.info(f"Resuming from {path}")
+        self.accelerator.load_state(path)
+        self.accelerator.project_configuration.iteration = int(path.rsplit("_", 1)[-1]) + 1
+
+    def _save_model_hook(self, models, weights, output_dir):
+        # The UNet is saved by the pipeline (LoRA in diffusers format); accelerate saves the critic head.
+        index = self._unet_index(models)
+        self.sd_pipeline.save_checkpoint([models[index]], None, output_dir)
+        weights.pop(index)
+
+    def _load_model_hook(self, models, input_dir):
+        index = self._unet_index(models)
+        self.sd_pipeline.load_checkpoint([models[index]], input_dir)
+        models.pop(index)
+
+    def _unet_index(self, models) -> int:
+        unet = self.accelerator.unwrap_model(self.unet)
+        return next(i for i, m in enumerate(models) if self.accelerator.unwrap_model(m) is unet)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _generate_samples(self, iterations, batch_size):
+        """DDPO sampling, plus the critic's features and values V(x_t) at every step (TDPO mode)."""
+        samples, prompt_image_pairs = super()._generate_samples(iterations, batch_size)
+        if self.critic is None:
+            return samples, prompt_image_pairs
+        head = self.accelerator.unwrap_model(self.critic_head)
+        head.eval()
+        for sample in samples:
+            latents = sample["latents"]  # (B, T, C, h, w): x_t before each denoising step
+            batch, steps = latents.shape[:2]
+            features = self.critic.encode(
+                latents.flatten(0, 1), self.sd_pipeline.vae, batch_size=self.config.critic_encode_batch_size
+            )  # (B*T, D)
+            sample["critic_features"] = features.view(batch, steps, -1)
+            with torch.no_grad():
+                sample["values"] = head(sample["critic_features"]).float()  # (B, T)
+        return samples, prompt_image_pairs
+
+    # ------------------------------------------------------------------ advantages
+
+    def _normalized_rewards(self, rewards: np.ndarray, prompt_ids: torch.Tensor) -> np.ndarray:
+        """Per-prompt (as DDPO's tracker) or batch-wise normalization of the gathered rewards."""
+        if self.config.per_prompt_stat_tracking:
+            prompt_ids = self.accelerator.gather(prompt_ids).cpu().numpy()
+            prompts = self.sd_pipeline.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+            return self.stat_tracker.update(prompts, rewards)
+        finite = np.isfinite(rewards)
+        if not finite.any():
+            raise ValueError(f"every reward of this epoch is NaN or infinite: {rewards[:8]}")
+        normalized = (rewards - rewards[finite].mean()) / (rewards[finite].std() + 1e-8)
+        return np.where(finite, normalized, 0.0)  # a sample whose reward failed contributes nothing
+
+    def _compute_advantages(self, samples: dict, normalized_rewards: np.ndarray) -> dict[str, float]:
+        """Sets `samples["advantages"]` (and `samples["returns"]` in TDPO mode), each `(n_local, T)`."""
+        device = self.accelerator.device
+        rewards = torch.as_tensor(normalized_rewards, dtype=torch.float32, device=device)  # (N_all,)
+        num_steps = samples["timesteps"].shape[1]
+        stats = {}
+        if self.critic is None:
+            advantages = rewards[:, None].expand(-1, num_steps)  # DDPO: one advantage for every step
+        else:
+            values = self.accelerator.gather(samples["values"])  # (N_all, T), recorded at sampling time
+            returns = discounted_returns(rewards, num_steps, self.config.gamma)  # (N_all, T)
+            advantages = temporal_advantages(returns, values, normalized=self.config.normalize_temporal_advantages)
+            samples["returns"] = self._local_rows(returns)
+            stats["critic/value_mean"] = values.mean().item()
+            stats["critic/value_std"] = values.std(unbiased=False).item()
+            stats["critic/explained_variance"] = explained_variance(values, returns)
+        clip = self.config.train_adv_clip_max
+        if math.isfinite(clip):
+            advantages = advantages.clamp(-clip, clip)
+        samples["advantages"] = self._local_rows(advantages)
+        stats["advantage/mean"] = advantages.mean().item()
+        stats["advantage/std"] = advantages.std(unbiased=False).item()
+        return stats
+
+    def _local_rows(self, gathered: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a tensor gathered over processes: (N_all, ...) -> (N_all / P, ...)."""
+        rows = gathered.reshape(self.accelerator.num_processes, -1, *gathered.shape[1:])
+        return rows[self.accelerator.process_index].contiguous()
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """Sample, score, and train on one epoch of trajectories. Returns the updated global step."""
+        config = self.config
+        start = time.perf_counter()
+        samples, prompt_image_data = self._generate_samples(config.sample_num_batches_per_epoch, config.sample_batch_size)
+        # collate: each entry becomes (num_batches_per_epoch * sample_batch_size, ...)
+        samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+        sampled = time.perf_counter()
+
+        rewards, rewards_metadata = self.compute_rewards(prompt_image_data, is_async=config.async_reward_computation)
+        for i, image_data in enumerate(prompt_image_data):
+            image_data.extend([rewards[i], rewards_metadata[i]])
+        if self.image_samples_callback is not None:
+            tracker = self.accelerator.trackers[0] if self.accelerator.trackers else None
+            self.image_samples_callback(prompt_image_data, global_step, tracker)
+        rewards = self.accelerator.gather(torch.cat(rewards).float()).cpu().numpy()  # (N_all,)
+        scored = time.perf_counter()
+
+        finite = rewards[np.isfinite(rewards)]
+        stats = {"epoch": epoch, "reward/mean": float(finite.mean()), "reward/std": float(finite.std())}
+        stats.update(self._compute_advantages(samples, self._normalized_rewards(rewards, samples["prompt_ids"])))
+        del samples["prompt_ids"]
+
+        train_info = defaultdict(list)
+        for inner_epoch in range(config.train_num_inner_epochs):
+            batched = self._shuffle_and_batch(samples)
+            global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched, train_info)
+            if not self.accelerator.sync_gradients:
+                raise RuntimeError("an inner epoch ended between optimizer steps; check gradient accumulation settings")
+        trained = time.perf_counter()
+
+        stats.update(self._reduce_info(train_info))
+        stats.update(
+            {
+                "time/sampling_s": sampled - start,
+                "time/reward_s": scored - sampled,
+                "time/training_s": trained - scored,
+                "time/epoch_s": trained - start,
+            }
+        )
+        self.progress.epoch, self.progress.global_step = epoch + 1, global_step
+        self.log(stats, step=global_step)
+
+        if (epoch + 1) % config.save_freq == 0:
+            self.accelerator.save_state()  # every process: save_state synchronizes them
+        return global_step
+
+    def _reduce_info(self, info: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        means = {k: torch.stack(v).mean() for k, v in info.items()}
+        return {k: v.item() for k, v in self.accelerator.reduce(means, reduction="mean").items()}
+
+    def _shuffle_and_batch(self, samples: dict) -> list[dict]:
+        """Shuffle samples, permute steps independently per sample, and split into minibatches of train_batch_size."""
+        device = self.accelerator.device
+        num_samples, num_steps = samples["timesteps"].shape
+        perm = torch.randperm(num_samples, device=device)
+        samples = {k: v[perm] for k, v in samples.items()}
+        step_perms = torch.stack([torch.randperm(num_steps, device=device) for _ in range(num_samples)])  # (N, T)
+        rows = torch.arange(num_samples, device=device)[:, None]
+        for key in _PER_STEP_KEYS:
+            if key in samples:
+                samples[key] = samples[key][rows, step_perms]
+        size = self.config.train_batch_size
+        return [{k: v[i : i + size] for k, v in samples.items()} for i in range(0, num_samples, size)]
+
+    def _update_order(self, num_minibatches: int) -> list[tuple[int, int]]:
+        """(timestep position, minibatch) pairs: timestep-major for TDPO, sample-major for DDPO (as TRL)."""
+        positions, batches = range(self.num_train_timesteps), range(num_minibatches)
+        if self.critic is not None:
+            return [(j, i) for j in positions for i in batches]
+        return [(j, i) for i in batches for j in positions]
+
+    def _train_batched_samples(self, inner_epoch, epoch, global_step, batched_samples, info=None):
+        """One pass over the minibatches; an optimizer step every time accelerate's accumulation syncs."""
+        info = info if info is not None else defaultdict(list)
+        models = (self.unet, self.critic_head) if self.critic is not None else (self.unet,)
+        for model in models:
+            model.train()
+        for j, i in self._update_order(len(batched_samples)):
+            sample = batched_samples[i]
+            if self.config.train_cfg:
+                # concat negative prompts to sample prompts to avoid two forward passes
+                embeds = torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
+            else:
+                embeds = sample["prompt_embeds"]
+            with self.accelerator.accumulate(*models):
+                loss, approx_kl, clipfrac = self.calculate_loss(
+                    sample["latents"][:, j],
+                    sample["timesteps"][:, j],
+                    sample["next_latents"][:, j],
+                    sample["log_probs"][:, j],
+                    sample["advantages"][:, j],
+                    embeds,
+                )
+                info["policy/loss"].append(loss.detach())
+                info["policy/approx_kl"].append(approx_kl.detach())
+                info["policy/clipfrac"].append(clipfrac.detach())
+                if self.critic is not None:
+                    critic_loss, value_clipfrac = self.critic_loss(
+                        sample["critic_features"][:, j], sample["values"][:, j], sample["returns"][:, j]
+                    )
+                    info["critic/loss"].append(critic_loss.detach())
+                    info["critic/value_clipfrac"].append(value_clipfrac.detach())
+                    loss = loss + self.config.critic_loss_coef * critic_loss
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(self.trainable_layers, self.config.train_max_grad_norm)
+                    if self.critic is not None:
+                        self.accelerator.clip_grad_norm_(self.critic_head.parameters(), self.config.critic_max_grad_norm)
+                self.optimizer.step()  # accelerate skips the step until gradients are synced
+                self.optimizer.zero_grad()
+                if self.critic is not None:
+                    self.critic_optimizer.step()
+                    self.critic_optimizer.zero_grad()
+            if self.accelerator.sync_gradients:
+                global_step += 1
+        return global_step
+
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
+        """PPO-clipped policy loss of one denoising step; as `DDPOTrainer.calculate_loss` but through the prepared
+        (all-reducing) UNet. `advantages` is `(B,)`. Returns `(loss, approx_kl, clipfrac)`."""
+        with self.autocast():
+            if self.config.train_cfg:
+                noise_pred = self.unet(torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds).sample
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + self.config.sample_guidance_scale * (noise_pred_text - noise_pred_uncond)
+            else:
+                noise_pred = self.unet(latents, timesteps, embeds).sample
+            # log-prob of next_latents given latents under the current policy
+            log_prob = self.sd_pipeline.scheduler_step(
+                noise_pred, timesteps, latents, eta=self.config.sample_eta, prev_sample=next_latents
+            ).log_probs
+        log_ratio = log_prob - log_probs
+        ratio = torch.exp(log_ratio)
+        loss = self.loss(advantages, self.config.train_clip_range, ratio)
+        approx_kl = 0.5 * torch.mean(log_ratio**2)
+        clipfrac = torch.mean((torch.abs(ratio - 1.0) > self.config.train_clip_range).float())
+        return loss, approx_kl, clipfrac
+
+    def critic_loss(self, features, old_values, returns):
+        """Clipped value loss of one denoising step from cached features `(B, D)`. Returns `(loss, clipfrac)`."""
+        values = self.critic_head(features)  # (B,)
+        return clipped_value_loss(values, old_values, returns, self.config.critic_value_clip_range)
+
+    def log(self, metrics: dict[str, float], step: int):
+        """Send metrics to the trackers and keep them in `self.log_history`."""
+        record = {**metrics, "step": step}
+        self.log_history.append(record)
+        self.accelerator.log(metrics, step=step)
+
+    def train(self, epochs: Optional[int] = None):
+        """Train until epoch `epochs` (default `config.num_epochs`), continuing from a resumed checkpoint."""
+        epochs = self.config.num_epochs if epochs is None else epochs
+        global_step = self.progress.global_step
+        bar = tqdm(
+            range(self.progress.epoch, epochs),
+            desc="TDPO" if self.critic is not None else "DDPO",
+            unit="epoch",
+            disable=not self.accelerator.is_local_main_process,
+        )
+        for epoch in bar:
+            global_step = self.step(epoch, global_step)
+            bar.set_postfix(reward=f"{self.log_history[-1]['reward/mean']:.4f}")
+        self.accelerator.end_training()

@@ -1,0 +1,112 @@
+"""Tiny, seeded, randomly initialized models for tests, examples and CPU benchmarks (no downloads).
+
+Sizes follow diffusers' `get_dummy_components()`: a UNet with `block_out_channels=(32, 64)`, a two-block VAE and a
+two-layer CLIP text encoder of width 32. Latents are 4x8x8 and images 16x16, so one DDIM step costs milliseconds.
+"""
+
+import json
+import os
+import string
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+
+TINY_PROMPT_LENGTH = 16
+
+
+def tiny_tokenizer(max_length: int = TINY_PROMPT_LENGTH) -> CLIPTokenizer:
+    """A character-level `CLIPTokenizer` (BPE with no merges) over lowercase letters, digits and punctuation."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ".,'-!?":
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
+
+
+def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
+    """A seeded Stable-Diffusion-shaped pipeline: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, DDIM."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=16,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=TINY_PROMPT_LENGTH,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_clip_vision_model(seed: int = 0, image_size: int = 16) -> CLIPVisionModelWithProjection:
+    """A seeded two-layer CLIP image encoder with a 16-d projection (a stand-in for ViT-L/14 in tests)."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=4,
+        projection_dim=16,
+    )
+    return CLIPVisionModelWithProjection(config).eval()

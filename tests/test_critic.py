@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch import nn
+
+from tdpo_trl import CLIPImageFeatures, LatentFeatures, TDPOConfig, TimestepCritic, ValueHead
+from tdpo_trl.tiny_models import tiny_clip_vision_model, tiny_stable_diffusion
+
+
+def test_value_head_matches_the_paper_shape_and_init():
+    torch.manual_seed(0)
+    head = ValueHead(768)
+    linears = head.linear_layers
+    assert [(m.in_features, m.out_features) for m in linears] == [(768, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
+    assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.2, 0.2, 0.1]
+    assert not any(isinstance(m, (nn.ReLU, nn.GELU)) for m in head)  # no nonlinearity, as the LAION head
+    assert all(torch.all(m.bias == 0) for m in linears)
+    assert linears[0].weight.std().item() == pytest.approx(1 / 769, rel=0.02)
+    assert head(torch.randn(3, 5, 768)).shape == (3, 5)
+
+
+def test_value_head_with_activation():
+    head = ValueHead(8, hidden_sizes=(4,), dropout=(0.0,), activation="relu")
+    assert isinstance(head[1], nn.ReLU)
+    with pytest.raises(ValueError, match="activation must be 'none' or one of .* got 'swish'"):
+        ValueHead(8, hidden_sizes=(4,), dropout=(0.0,), activation="swish")
+
+
+def test_latent_features_are_l2_normalized_flat_latents():
+    encoder = LatentFeatures((4, 8, 8))
+    features = encoder(torch.randn(3, 4, 8, 8))
+    assert encoder.feature_dim == 256 and features.shape == (3, 256)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(3))
+
+
+def test_clip_features_decode_the_latents_first(tiny_clip_path):
+    pipe = tiny_stable_diffusion()
+    config = TDPOConfig(critic_encoder=tiny_clip_path, critic_hidden_sizes=[8], critic_dropout=[0.0])
+    critic = TimestepCritic.from_config(config, latent_shape=(4, 8, 8))
+    assert isinstance(critic.encoder, CLIPImageFeatures) and critic.needs_pixels
+    assert critic.head.input_dim == 16  # the tiny CLIP's projection_dim
+
+    latents = torch.randn(5, 4, 8, 8)
+    features = critic.encode(latents, pipe.vae, batch_size=2)
+    assert features.shape == (5, 16)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(5))
+    # the same as decoding by hand and embedding
+    images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(features, critic.encoder(images))
+    with pytest.raises(ValueError, match="pass the pipeline's `vae`"):
+        critic.encode(latents)
+
+
+def test_any_module_with_feature_dim_can_be_the_encoder():
+    class MeanColour(nn.Module):
+        feature_dim = 3
+        needs_pixels = True
+
+        def forward(self, images):
+            return images.mean(dim=(2, 3))
+
+    critic = TimestepCritic(MeanColour(), hidden_sizes=(4,), dropout=(0.0,))
+    pipe = tiny_stable_diffusion()
+    assert critic(torch.randn(2, 4, 8, 8), pipe.vae).shape == (2,)
+    with pytest.raises(ValueError, match="no `feature_dim`"):
+        TimestepCritic(nn.Identity())
+
+
+def test_encoder_is_frozen_and_only_the_head_trains():
+    critic = TimestepCritic(CLIPImageFeatures(tiny_clip_vision_model()), hidden_sizes=(8,), dropout=(0.0,))
+    assert not any(p.requires_grad for p in critic.encoder.parameters())
+    assert all(p.requires_grad for p in critic.head.parameters())
+
+
+def test_critic_fits_a_synthetic_value_target():
+    torch.manual_seed(0)
+    critic = TimestepCritic(LatentFeatures((4, 8, 8)), hidden_sizes=(64, 16), dropout=(0.0, 0.0))
+    latents = torch.randn(256, 4, 8, 8)
+    features = critic.encode(latents)
+    direction = torch.randn(256)
+    targets = features @ direction  # a value that is linear in the features
+    optimizer = torch.optim.AdamW(critic.head.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(300):
+        loss = 0.5 * (critic.head(features) - targets).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])

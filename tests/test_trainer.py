@@ -1,0 +1,181 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from trl import DDPOTrainer
+
+from conftest import brightness_reward, cat_prompt, tiny_config
+from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, discounted_returns, temporal_advantages
+from tdpo_trl.tiny_models import tiny_stable_diffusion
+
+
+def lora_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}
+
+
+def critic_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.critic.head.named_parameters()}
+
+
+def test_is_a_ddpo_trainer():
+    assert issubclass(TDPOTrainer, DDPOTrainer)
+    assert "tdpo" in TDPOTrainer._tag_names
+
+
+def test_two_epochs_change_every_lora_and_critic_tensor(tmp_path, tiny_pipeline):
+    trainer = TDPOTrainer(tiny_config(tmp_path), brightness_reward, cat_prompt, tiny_pipeline)
+    lora_before, critic_before = lora_state(trainer), critic_state(trainer)
+    assert len(lora_before) == 64  # A and B of to_q, to_k, to_v, to_out.0 in 8 attention layers
+    trainer.train()
+    for name, value in lora_state(trainer).items():
+        assert not torch.equal(value, lora_before[name]), f"LoRA tensor {name} did not change"
+    for name, value in critic_state(trainer).items():
+        assert not torch.equal(value, critic_before[name]), f"critic tensor {name} did not change"
+    frozen = [n for n, p in trainer.sd_pipeline.unet.named_parameters() if p.requires_grad and "lora" not in n]
+    assert frozen == []
+
+
+def test_ddpo_mode_trains_without_a_critic(tmp_path, tiny_pipeline):
+    trainer = TDPOTrainer(tiny_config(tmp_path, use_critic=False), brightness_reward, cat_prompt, tiny_pipeline)
+    assert trainer.critic is None
+    before = lora_state(trainer)
+    trainer.train()
+    assert all(not torch.equal(v, before[n]) for n, v in lora_state(trainer).items())
+    assert not any(key.startswith("critic/") for key in trainer.log_history[-1])
+
+
+def test_logged_metrics_are_namespaced_and_finite(tmp_path, tiny_pipeline):
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), brightness_reward, cat_prompt, tiny_pipeline)
+    trainer.train()
+    (record,) = trainer.log_history
+    expected = {
+        "policy/loss", "policy/approx_kl", "policy/clipfrac", "critic/loss", "critic/value_mean",
+        "critic/explained_variance", "advantage/mean", "advantage/std", "reward/mean", "reward/std",
+        "time/sampling_s", "time/reward_s", "time/training_s", "time/epoch_s",
+    }  # fmt: skip
+    assert expected <= set(record)
+    for key in expected:
+        assert math.isfinite(record[key]), (key, record[key])
+    assert record["advantage/mean"] == pytest.approx(0.0, abs=1e-5)  # normalized over all (sample, step) entries
+    assert record["advantage/std"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "use_critic, accumulation, expected_steps",
+    [
+        (True, 1, 4 * 4),  # 4 timestep positions x 4 minibatches
+        (True, 2, 4 * 4 // 2),
+        (False, 1, 4),  # DDPO: one step per minibatch, accumulated over its 4 timesteps
+        (False, 2, 2),
+    ],
+)
+def test_optimizer_steps_per_epoch(tmp_path, tiny_pipeline, use_critic, accumulation, expected_steps):
+    config = tiny_config(tmp_path, num_epochs=1, use_critic=use_critic, train_gradient_accumulation_steps=accumulation)
+    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    trainer.train()
+    assert trainer.log_history[-1]["step"] == expected_steps
+
+
+def test_update_order_is_timestep_major_for_tdpo_and_sample_major_for_ddpo(tmp_path, tiny_pipeline):
+    trainer = TDPOTrainer(tiny_config(tmp_path, sample_num_steps=2), brightness_reward, cat_prompt, tiny_pipeline)
+    assert trainer._update_order(3) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    trainer.critic = None  # the order DDPO mode uses
+    assert trainer._update_order(3) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+
+
+def test_critic_features_are_computed_at_sampling_and_never_in_training(tmp_path, tiny_pipeline):
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), brightness_reward, cat_prompt, tiny_pipeline)
+    calls = []
+    forward = trainer.critic.encoder.forward
+    trainer.critic.encoder.forward = lambda x: calls.append(x.shape[0]) or forward(x)
+    train_batched = trainer._train_batched_samples
+
+    def spy(*args, **kwargs):
+        seen = len(calls)
+        result = train_batched(*args, **kwargs)
+        assert len(calls) == seen, "the critic encoder ran during training"
+        return result
+
+    trainer._train_batched_samples = spy
+    trainer.train()
+    assert sum(calls) == 8 * 4  # every (sample, step) latent encoded exactly once
+
+
+def test_advantages_are_returns_minus_sampled_values(tmp_path, tiny_pipeline):
+    config = tiny_config(tmp_path, gamma=0.5, normalize_temporal_advantages=False)
+    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.5, 1.0]])
+    samples = {"timesteps": torch.zeros(2, 3, dtype=torch.long), "values": values}
+    stats = trainer._compute_advantages(samples, np.array([1.0, -1.0]))
+    returns = torch.tensor([[0.25, 0.5, 1.0], [-0.25, -0.5, -1.0]])
+    torch.testing.assert_close(samples["returns"], returns)
+    torch.testing.assert_close(samples["advantages"], returns - values)
+    assert stats["critic/value_mean"] == pytest.approx(values.mean().item())
+
+
+def test_nonfinite_rewards_give_zero_advantage(tmp_path, tiny_pipeline):
+    trainer = TDPOTrainer(tiny_config(tmp_path, use_critic=False), brightness_reward, cat_prompt, tiny_pipeline)
+    normalized = trainer._normalized_rewards(np.array([1.0, np.nan, 3.0, np.inf]), None)
+    np.testing.assert_allclose(normalized, [-1.0, 0.0, 1.0, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="every reward of this epoch is NaN or infinite"):
+        trainer._normalized_rewards(np.array([np.nan, np.nan]), None)
+
+
+def test_clip_critic_end_to_end(tmp_path, tiny_pipeline, tiny_clip_path):
+    config = tiny_config(tmp_path, num_epochs=1, critic_encoder=tiny_clip_path, critic_hidden_sizes=[8], critic_dropout=[0.1])
+    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    before = critic_state(trainer)
+    trainer.train()
+    assert trainer.critic.head.input_dim == 16
+    assert all(not torch.equal(v, before[n]) for n, v in critic_state(trainer).items())
+
+
+def test_checkpoints_with_default_settings_and_resume(tmp_path):
+    config = tiny_config(tmp_path, save_freq=1, num_checkpoint_limit=2, num_epochs=3)
+    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+    trainer.train()
+    folder = tmp_path / "logs" / "test" / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["checkpoint_1", "checkpoint_2"]  # rotated to num_checkpoint_limit
+    files = set(os.listdir(folder / "checkpoint_2"))
+    assert {"pytorch_lora_weights.safetensors", "model.safetensors", "optimizer.bin", "optimizer_1.bin"} <= files
+
+    with pytest.raises(ValueError, match="already holds checkpoints; set `resume_from`"):
+        TDPOTrainer(config, brightness_reward, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+
+    config = tiny_config(tmp_path, save_freq=1, num_checkpoint_limit=2, num_epochs=3, resume_from=str(tmp_path / "logs" / "test"))
+    resumed = TDPOTrainer(config, brightness_reward, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+    assert resumed.first_epoch == 3 and resumed.progress.global_step == trainer.progress.global_step
+    for name, value in lora_state(trainer).items():
+        torch.testing.assert_close(lora_state(resumed)[name], value, rtol=0, atol=0)
+    for name, value in critic_state(trainer).items():
+        torch.testing.assert_close(critic_state(resumed)[name], value, rtol=0, atol=0)
+
+
+def test_critic_with_ddpo_mode_is_rejected(tmp_path, tiny_pipeline):
+    from tdpo_trl import LatentFeatures, TimestepCritic
+
+    critic = TimestepCritic(LatentFeatures((4, 8, 8)), hidden_sizes=(8,), dropout=(0.0,))
+    with pytest.raises(ValueError, match="`config.use_critic` is False"):
+        TDPOTrainer(tiny_config(tmp_path, use_critic=False), brightness_reward, cat_prompt, tiny_pipeline, critic=critic)
+
+
+def test_pipeline_builds_from_a_path_before_any_accelerator(tiny_sd_path):
+    # A fresh interpreter, so that no accelerate state exists (TRL's pipeline raises RuntimeError here).
+    code = (
+        "import sys; from tdpo_trl import TDPOStableDiffusionPipeline as P;"
+        "p = P(sys.argv[1], use_lora=True); print(type(p.get_trainable_layers()).__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, tiny_sd_path], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("UNet2DConditionModel")
+
+
+def test_scheduler_ending_at_t0_is_rejected():
+    pipe = tiny_stable_diffusion()
+    pipe.scheduler.register_to_config(steps_offset=0)
+    with pytest.raises(ValueError, match="steps_offset=0, so DDIM sampling ends at t=0"):
+        TDPOStableDiffusionPipeline(pipe)

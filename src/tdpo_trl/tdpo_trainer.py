@@ -132,7 +132,10 @@ class TDPOTrainer(DDPOTrainer):
         inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
         device = self.accelerator.device
         for module in (self.sd_pipeline.vae, self.sd_pipeline.text_encoder, self.sd_pipeline.unet):
-            module.to(device, dtype=inference_dtype)
+            if module.dtype == inference_dtype:
+                module.to(device)
+            else:  # frozen weights are only used for inference
+                module.to(device, dtype=inference_dtype)
         unet = self.sd_pipeline.get_trainable_layers()
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True

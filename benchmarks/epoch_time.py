@@ -1,0 +1,127 @@
+"""Epoch wall time and peak memory: TDPOTrainer (TDPO), TDPOTrainer in DDPO mode, and TRL's DDPOTrainer.
+
+All three train a LoRA on the same tiny Stable-Diffusion-shaped model with the same sampling and training sizes.
+Each variant runs in a fresh process (so its peak RSS is its own), after one warm-up epoch.
+
+    python benchmarks/epoch_time.py                     # 16 samples x 10 steps per epoch, 3 timed epochs
+    python benchmarks/epoch_time.py --epochs 5 --threads 2
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+
+VARIANTS = ("tdpo", "tdpo-ddpo-mode", "trl-ddpo")
+SIZES = dict(
+    sample_num_steps=10,
+    sample_batch_size=8,
+    sample_num_batches_per_epoch=2,
+    train_batch_size=4,
+    train_learning_rate=3e-3,
+    mixed_precision="no",
+    save_freq=10_000,
+    seed=0,
+)
+
+
+def reward(images, prompts, metadata):
+    return images.float().mean(dim=(1, 2, 3)), {}
+
+
+def prompt():
+    return "a photo of a cat", {}
+
+
+def build_trainer(variant: str, workdir: str):
+    from tdpo_trl.tiny_models import tiny_stable_diffusion
+
+    if variant == "trl-ddpo":
+        from accelerate import PartialState
+        from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+        PartialState()  # TRL's pipeline logs through accelerate before any Accelerator exists
+        model_dir = os.path.join(workdir, "tiny-sd")
+        tiny_stable_diffusion().save_pretrained(model_dir)  # TRL's pipeline only loads from a path
+        pipeline = DefaultDDPOStableDiffusionPipeline(model_dir, use_lora=True)
+        config = DDPOConfig(**SIZES, project_kwargs={"project_dir": workdir})
+        return DDPOTrainer(config, reward, prompt, pipeline)
+
+    from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
+
+    config = TDPOConfig(
+        **SIZES,
+        use_critic=variant == "tdpo",
+        critic_encoder="latents",
+        critic_hidden_sizes=[1024, 128, 64, 16],  # the paper's head, on 256-d latent features
+        logdir=workdir,
+        run_name=variant,
+    )
+    return TDPOTrainer(config, reward, prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True))
+
+
+def measure(variant: str, epochs: int, threads: int) -> dict:
+    """Runs in the child process."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = build_trainer(variant, workdir)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        global_step = trainer.step(0, 0)  # warm-up
+        times = []
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            global_step = trainer.step(epoch, global_step)
+            times.append(time.perf_counter() - start)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "variant": variant,
+        "epoch_s_median": statistics.median(times),
+        "epoch_s_all": times,
+        "peak_rss_mb": peak / 1024,
+        "train_rss_mb": (peak - rss_before) / 1024,
+        "optimizer_steps_per_epoch": global_step // (epochs + 1),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant (after 1 warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.epochs, args.threads)))
+        return
+
+    results = {}
+    for variant in VARIANTS:
+        command = [sys.executable, __file__, "--child", variant, "--epochs", str(args.epochs), "--threads", str(args.threads)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(output.strip().splitlines()[-1])
+
+    base = results["trl-ddpo"]
+    print(f"tiny SD-shaped model, LoRA r=4; {SIZES['sample_batch_size'] * SIZES['sample_num_batches_per_epoch']} "
+          f"samples x {SIZES['sample_num_steps']} DDIM steps per epoch; {args.epochs} timed epochs; "
+          f"{args.threads} thread(s); torch {torch.__version__}")
+    header = f"{'variant':<16} {'epoch s (median)':>17} {'x TRL':>7} {'opt steps/epoch':>16} {'peak RSS MB':>12} {'x TRL':>7}"
+    print(header)
+    print("-" * len(header))
+    for variant, r in results.items():
+        print(
+            f"{variant:<16} {r['epoch_s_median']:>17.3f} {r['epoch_s_median'] / base['epoch_s_median']:>7.2f} "
+            f"{r['optimizer_steps_per_epoch']:>16} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

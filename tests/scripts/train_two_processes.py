@@ -1,0 +1,54 @@
+"""Train the tiny pipeline on every process and save each rank's trainable weights, for comparison across ranks.
+
+Run: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/train_two_processes.py OUT_DIR {tdpo,ddpo}
+"""
+
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl.tiny_models import tiny_stable_diffusion
+
+
+def left_minus_right(images, prompts, metadata):
+    half = images.shape[-1] // 2
+    return images[..., :half].mean(dim=(1, 2, 3)) - images[..., half:].mean(dim=(1, 2, 3)), {}
+
+
+def main(out_dir: str, mode: str):
+    torch.set_num_threads(1)
+    config = TDPOConfig(
+        num_epochs=2,
+        sample_num_steps=4,
+        sample_batch_size=4,
+        sample_num_batches_per_epoch=1,
+        train_batch_size=2,
+        train_learning_rate=3e-3,
+        mixed_precision="no",
+        use_critic=mode == "tdpo",
+        critic_encoder="latents",
+        critic_hidden_sizes=[32, 8],
+        critic_dropout=[0.1, 0.0],  # dropout draws differ per rank; the all-reduced gradients must not
+        logdir=os.path.join(out_dir, "logs"),
+        run_name=mode,
+        save_freq=1,  # checkpoint on every rank every epoch: TRL's rank-0-only save_state deadlocks here
+        seed=0,
+    )
+    trainer = TDPOTrainer(
+        config, left_minus_right, lambda: ("a photo of a cat", {}), TDPOStableDiffusionPipeline(tiny_stable_diffusion())
+    )
+    trainer.train()
+    weights = {f"unet.{n}": p.detach().contiguous() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}
+    if trainer.critic is not None:
+        weights.update({f"critic.{n}": p.detach().contiguous() for n, p in trainer.critic.head.named_parameters()})
+    rank = trainer.accelerator.process_index
+    save_file(weights, os.path.join(out_dir, f"{mode}_rank{rank}.safetensors"))
+    with open(os.path.join(out_dir, f"{mode}_rank{rank}.txt"), "w") as f:
+        f.write(f"{trainer.accelerator.num_processes} {trainer.log_history[-1]['reward/mean']}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

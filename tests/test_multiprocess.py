@@ -1,0 +1,45 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_two_processes.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["tdpo", "ddpo"])
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        SCRIPT, str(tmp_path), mode,
+    ]  # fmt: skip
+    # A deadlock (TRL saves state on rank 0 only, and save_state has a barrier) shows up as a timeout.
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    for rank in (0, 1):
+        processes, _ = (tmp_path / f"{mode}_rank{rank}.txt").read_text().split()
+        assert processes == "2", "accelerate did not see 2 processes"
+    rank0 = load_file(tmp_path / f"{mode}_rank0.safetensors")
+    rank1 = load_file(tmp_path / f"{mode}_rank1.safetensors")
+    assert rank0.keys() == rank1.keys()
+    assert any(k.startswith("critic.") for k in rank0) == (mode == "tdpo")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+    # the weights did train: LoRA B starts at zero
+    assert any(name.endswith("lora_B.default.weight") and rank0[name].abs().sum() > 0 for name in rank0)
+    checkpoints = tmp_path / "logs" / mode / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1"]

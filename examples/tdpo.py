@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
-from tdpo_trl.tiny_models import tiny_stable_diffusion
+from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
 
 
 def brightness(images, prompts, metadata):
@@ -35,13 +35,7 @@ def brightness(images, prompts, metadata):
     return images.float().mean(dim=(1, 2, 3)), {}
 
 
-def left_minus_right(images, prompts, metadata):
-    """Brightness of the left half minus the right half (learnable on the tiny model)."""
-    half = images.shape[-1] // 2
-    return images[..., :half].float().mean(dim=(1, 2, 3)) - images[..., half:].float().mean(dim=(1, 2, 3)), {}
-
-
-REWARDS = {"brightness": brightness, "left_minus_right": left_minus_right}
+REWARDS = {"brightness": brightness, "left_minus_right": left_minus_right_brightness}
 ANIMALS = ["cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "frog"]
 
 # The tiny model's DDPO/TDPO defaults: 64 samples x 4 DDIM steps per epoch in fp32 on the CPU, full-UNet training

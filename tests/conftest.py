@@ -63,13 +63,3 @@ def tiny_clip_path(tmp_path_factory):
     tiny_clip_vision_model(seed=0).save_pretrained(path)
     return str(path)
 
-
-def left_minus_right_reward(images, prompts, metadata):
-    """Brightness of the left half minus the right half.
-
-    Learnable on the tiny pipeline: its random VAE decoder's GroupNorms erase a uniform latent shift, so plain mean
-    brightness barely responds to the policy, while a left/right latent pattern of +-0.5 moves this reward by about two
-    of its standard deviations across samples.
-    """
-    half = images.shape[-1] // 2
-    return images[..., :half].float().mean(dim=(1, 2, 3)) - images[..., half:].float().mean(dim=(1, 2, 3)), {}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from trl import DDPOTrainer
 
-from conftest import brightness_reward, cat_prompt, left_minus_right_reward, tiny_config
+from conftest import brightness_reward, cat_prompt, tiny_config
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, discounted_returns, temporal_advantages
-from tdpo_trl.tiny_models import tiny_stable_diffusion
+from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
 
 
 def lora_state(trainer):
@@ -181,6 +181,14 @@ def test_scheduler_ending_at_t0_is_rejected():
         TDPOStableDiffusionPipeline(pipe)
 
 
+def test_left_minus_right_brightness():
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, :, :, :2] = 1.0  # left half white
+    images[1, :, :, 2:] = 0.5  # right half grey
+    rewards, _ = left_minus_right_brightness(images, ("a", "b"), ({}, {}))
+    torch.testing.assert_close(rewards, torch.tensor([1.0, -0.5]))
+
+
 def test_tdpo_raises_a_learnable_reward(tmp_path):
     # Full-UNet training, 64 samples x 4 steps per epoch. Measured on 2 CPU cores (seed 0): the reward mean went from
     # -0.003 to 0.074 in 10 epochs against a spread of 0.028 across samples.
@@ -194,10 +202,29 @@ def test_tdpo_raises_a_learnable_reward(tmp_path):
         train_clip_range=0.1,
     )
     pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=False)
-    trainer = TDPOTrainer(config, left_minus_right_reward, cat_prompt, pipeline)
+    trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, pipeline)
     trainer.train()
     means = [record["reward/mean"] for record in trainer.log_history]
     first, spread = means[0], trainer.log_history[0]["reward/std"]
     last = sum(means[-2:]) / 2
     print(f"reward mean per epoch {[round(m, 4) for m in means]}, first-epoch spread {spread:.4f}")
     assert last - first > spread, f"reward mean {first:.4f} -> {last:.4f} did not rise by one spread ({spread:.4f})"
+
+
+def test_per_prompt_normalization_uses_ddpo_tracker(tmp_path, tiny_pipeline):
+    config = tiny_config(tmp_path, per_prompt_stat_tracking=True, per_prompt_stat_tracking_min_count=2)
+    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    prompt_ids = trainer._tokenize(["a cat", "a dog", "a cat", "a dog"])
+    normalized = trainer._normalized_rewards(np.array([1.0, 10.0, 3.0, 30.0]), prompt_ids)
+    # each prompt normalized by its own statistics: cat (1, 3) and dog (10, 30)
+    np.testing.assert_allclose(normalized, [-1.0, -1.0, 1.0, 1.0], atol=1e-5)
+
+
+def test_tensorboard_logging_writes_events(tmp_path, tiny_pipeline):
+    pytest.importorskip("tensorboard")
+    config = tiny_config(tmp_path, num_epochs=1, log_with="tensorboard")
+    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    trainer.train()
+    trainer.accelerator.end_training()
+    events = [f for _, _, files in os.walk(tmp_path / "logs" / "test") for f in files if f.startswith("events.out")]
+    assert events, "no TensorBoard event file was written"

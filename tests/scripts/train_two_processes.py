@@ -10,12 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
-from tdpo_trl.tiny_models import tiny_stable_diffusion
-
-
-def left_minus_right(images, prompts, metadata):
-    half = images.shape[-1] // 2
-    return images[..., :half].mean(dim=(1, 2, 3)) - images[..., half:].mean(dim=(1, 2, 3)), {}
+from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
 
 
 def main(out_dir: str, mode: str):
@@ -38,7 +33,7 @@ def main(out_dir: str, mode: str):
         seed=0,
     )
     trainer = TDPOTrainer(
-        config, left_minus_right, lambda: ("a photo of a cat", {}), TDPOStableDiffusionPipeline(tiny_stable_diffusion())
+        config, left_minus_right_brightness, lambda: ("a photo of a cat", {}), TDPOStableDiffusionPipeline(tiny_stable_diffusion())
     )
     trainer.train()
     weights = {f"unet.{n}": p.detach().contiguous() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}

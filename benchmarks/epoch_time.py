@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from tdpo_trl.tiny_models import mean_brightness
+
 
 VARIANTS = ("tdpo", "tdpo-ddpo-mode", "trl-ddpo")
 SIZES = dict(
@@ -32,10 +34,6 @@ SIZES = dict(
     save_freq=10_000,
     seed=0,
 )
-
-
-def reward(images, prompts, metadata):
-    return images.float().mean(dim=(1, 2, 3)), {}
 
 
 def prompt():
@@ -54,7 +52,7 @@ def build_trainer(variant: str, workdir: str):
         tiny_stable_diffusion().save_pretrained(model_dir)  # TRL's pipeline only loads from a path
         pipeline = DefaultDDPOStableDiffusionPipeline(model_dir, use_lora=True)
         config = DDPOConfig(**SIZES, project_kwargs={"project_dir": workdir})
-        return DDPOTrainer(config, reward, prompt, pipeline)
+        return DDPOTrainer(config, mean_brightness, prompt, pipeline)
 
     from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
 
@@ -66,7 +64,7 @@ def build_trainer(variant: str, workdir: str):
         logdir=workdir,
         run_name=variant,
     )
-    return TDPOTrainer(config, reward, prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True))
+    return TDPOTrainer(config, mean_brightness, prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True))
 
 
 def measure(variant: str, epochs: int, threads: int) -> dict:

@@ -27,32 +27,21 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
-from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
+from tdpo_trl.tiny_models import (
+    TINY_TRAINING_DEFAULTS,
+    left_minus_right_brightness,
+    mean_brightness,
+    tiny_stable_diffusion,
+)
 
 
-def brightness(images, prompts, metadata):
-    """Mean pixel value, in [0, 1]."""
-    return images.float().mean(dim=(1, 2, 3)), {}
-
-
-REWARDS = {"brightness": brightness, "left_minus_right": left_minus_right_brightness}
+REWARDS = {"brightness": mean_brightness, "left_minus_right": left_minus_right_brightness}
 ANIMALS = ["cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "frog"]
 
-# The tiny model's DDPO/TDPO defaults: 64 samples x 4 DDIM steps per epoch in fp32 on the CPU, full-UNet training
-# (LoRA on a random 1M-parameter UNet learns too slowly to show in a minute), and the critic on flattened latents.
+# The tiny model's defaults: the measured TINY_TRAINING_DEFAULTS, full-UNet training, on the reward it can learn.
 TINY_DEFAULTS = dict(
+    **TINY_TRAINING_DEFAULTS,
     num_epochs=8,
-    sample_num_steps=4,
-    sample_batch_size=16,
-    sample_num_batches_per_epoch=4,
-    train_batch_size=16,
-    train_learning_rate=1e-3,
-    train_clip_range=0.1,
-    mixed_precision="no",
-    critic_encoder="latents",
-    critic_hidden_sizes=[32, 8],
-    critic_dropout=[0.0, 0.0],
-    critic_learning_rate=1e-3,
     save_freq=4,
     logdir="outputs",
     reward="left_minus_right",

@@ -34,11 +34,6 @@ def tiny_config(tmp_path, **overrides) -> TDPOConfig:
     return TDPOConfig(**kwargs)
 
 
-def brightness_reward(images, prompts, metadata):
-    """Mean pixel value of each image, in [0, 1]."""
-    return images.float().mean(dim=(1, 2, 3)), {}
-
-
 def cat_prompt():
     return "a photo of a cat", {}
 

@@ -1,6 +1,5 @@
 """Every ```python block of README.md and docs/*.md runs (blocks marked `# doc-test: skip` need the Hub)."""
 
-import os
 import re
 from pathlib import Path
 

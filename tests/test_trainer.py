@@ -8,9 +8,14 @@ import pytest
 import torch
 from trl import DDPOTrainer
 
-from conftest import brightness_reward, cat_prompt, tiny_config
-from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, discounted_returns, temporal_advantages
-from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
+from conftest import cat_prompt, tiny_config
+from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl.tiny_models import (
+    TINY_TRAINING_DEFAULTS,
+    left_minus_right_brightness,
+    mean_brightness,
+    tiny_stable_diffusion,
+)
 
 
 def lora_state(trainer):
@@ -27,7 +32,7 @@ def test_is_a_ddpo_trainer():
 
 
 def test_two_epochs_change_every_lora_and_critic_tensor(tmp_path, tiny_pipeline):
-    trainer = TDPOTrainer(tiny_config(tmp_path), brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(tiny_config(tmp_path), mean_brightness, cat_prompt, tiny_pipeline)
     lora_before, critic_before = lora_state(trainer), critic_state(trainer)
     assert len(lora_before) == 64  # A and B of to_q, to_k, to_v, to_out.0 in 8 attention layers
     trainer.train()
@@ -40,7 +45,7 @@ def test_two_epochs_change_every_lora_and_critic_tensor(tmp_path, tiny_pipeline)
 
 
 def test_ddpo_mode_trains_without_a_critic(tmp_path, tiny_pipeline):
-    trainer = TDPOTrainer(tiny_config(tmp_path, use_critic=False), brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(tiny_config(tmp_path, use_critic=False), mean_brightness, cat_prompt, tiny_pipeline)
     assert trainer.critic is None
     before = lora_state(trainer)
     trainer.train()
@@ -49,7 +54,7 @@ def test_ddpo_mode_trains_without_a_critic(tmp_path, tiny_pipeline):
 
 
 def test_logged_metrics_are_namespaced_and_finite(tmp_path, tiny_pipeline):
-    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), mean_brightness, cat_prompt, tiny_pipeline)
     trainer.train()
     (record,) = trainer.log_history
     expected = {
@@ -75,20 +80,20 @@ def test_logged_metrics_are_namespaced_and_finite(tmp_path, tiny_pipeline):
 )
 def test_optimizer_steps_per_epoch(tmp_path, tiny_pipeline, use_critic, accumulation, expected_steps):
     config = tiny_config(tmp_path, num_epochs=1, use_critic=use_critic, train_gradient_accumulation_steps=accumulation)
-    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     trainer.train()
     assert trainer.log_history[-1]["step"] == expected_steps
 
 
 def test_update_order_is_timestep_major_for_tdpo_and_sample_major_for_ddpo(tmp_path, tiny_pipeline):
-    trainer = TDPOTrainer(tiny_config(tmp_path, sample_num_steps=2), brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(tiny_config(tmp_path, sample_num_steps=2), mean_brightness, cat_prompt, tiny_pipeline)
     assert trainer._update_order(3) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     trainer.critic = None  # the order DDPO mode uses
     assert trainer._update_order(3) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
 
 
 def test_critic_features_are_computed_at_sampling_and_never_in_training(tmp_path, tiny_pipeline):
-    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), mean_brightness, cat_prompt, tiny_pipeline)
     calls = []
     forward = trainer.critic.encoder.forward
     trainer.critic.encoder.forward = lambda x: calls.append(x.shape[0]) or forward(x)
@@ -107,7 +112,7 @@ def test_critic_features_are_computed_at_sampling_and_never_in_training(tmp_path
 
 def test_advantages_are_returns_minus_sampled_values(tmp_path, tiny_pipeline):
     config = tiny_config(tmp_path, gamma=0.5, normalize_temporal_advantages=False)
-    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     values = torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.5, 1.0]])
     samples = {"timesteps": torch.zeros(2, 3, dtype=torch.long), "values": values}
     stats = trainer._compute_advantages(samples, np.array([1.0, -1.0]))
@@ -118,7 +123,7 @@ def test_advantages_are_returns_minus_sampled_values(tmp_path, tiny_pipeline):
 
 
 def test_nonfinite_rewards_give_zero_advantage(tmp_path, tiny_pipeline):
-    trainer = TDPOTrainer(tiny_config(tmp_path, use_critic=False), brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(tiny_config(tmp_path, use_critic=False), mean_brightness, cat_prompt, tiny_pipeline)
     normalized = trainer._normalized_rewards(np.array([1.0, np.nan, 3.0, np.inf]), None)
     np.testing.assert_allclose(normalized, [-1.0, 0.0, 1.0, 0.0], atol=1e-6)
     with pytest.raises(ValueError, match="every reward of this epoch is NaN or infinite"):
@@ -127,7 +132,7 @@ def test_nonfinite_rewards_give_zero_advantage(tmp_path, tiny_pipeline):
 
 def test_clip_critic_end_to_end(tmp_path, tiny_pipeline, tiny_clip_path):
     config = tiny_config(tmp_path, num_epochs=1, critic_encoder=tiny_clip_path, critic_hidden_sizes=[8], critic_dropout=[0.1])
-    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     before = critic_state(trainer)
     trainer.train()
     assert trainer.critic.head.input_dim == 16
@@ -136,7 +141,7 @@ def test_clip_critic_end_to_end(tmp_path, tiny_pipeline, tiny_clip_path):
 
 def test_checkpoints_with_default_settings_and_resume(tmp_path):
     config = tiny_config(tmp_path, save_freq=1, num_checkpoint_limit=2, num_epochs=3)
-    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
     trainer.train()
     folder = tmp_path / "logs" / "test" / "checkpoints"
     assert sorted(os.listdir(folder)) == ["checkpoint_1", "checkpoint_2"]  # rotated to num_checkpoint_limit
@@ -144,10 +149,10 @@ def test_checkpoints_with_default_settings_and_resume(tmp_path):
     assert {"pytorch_lora_weights.safetensors", "model.safetensors", "optimizer.bin", "optimizer_1.bin"} <= files
 
     with pytest.raises(ValueError, match="already holds checkpoints; set `resume_from`"):
-        TDPOTrainer(config, brightness_reward, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+        TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
 
     config = tiny_config(tmp_path, save_freq=1, num_checkpoint_limit=2, num_epochs=3, resume_from=str(tmp_path / "logs" / "test"))
-    resumed = TDPOTrainer(config, brightness_reward, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+    resumed = TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
     assert resumed.first_epoch == 3 and resumed.progress.global_step == trainer.progress.global_step
     for name, value in lora_state(trainer).items():
         torch.testing.assert_close(lora_state(resumed)[name], value, rtol=0, atol=0)
@@ -160,7 +165,7 @@ def test_critic_with_ddpo_mode_is_rejected(tmp_path, tiny_pipeline):
 
     critic = TimestepCritic(LatentFeatures((4, 8, 8)), hidden_sizes=(8,), dropout=(0.0,))
     with pytest.raises(ValueError, match="`config.use_critic` is False"):
-        TDPOTrainer(tiny_config(tmp_path, use_critic=False), brightness_reward, cat_prompt, tiny_pipeline, critic=critic)
+        TDPOTrainer(tiny_config(tmp_path, use_critic=False), mean_brightness, cat_prompt, tiny_pipeline, critic=critic)
 
 
 def test_pipeline_builds_from_a_path_before_any_accelerator(tiny_sd_path):
@@ -190,17 +195,8 @@ def test_left_minus_right_brightness():
 
 
 def test_tdpo_raises_a_learnable_reward(tmp_path):
-    # Full-UNet training, 64 samples x 4 steps per epoch. Measured on 2 CPU cores (seed 0): the reward mean went from
-    # -0.003 to 0.074 in 10 epochs against a spread of 0.028 across samples.
-    config = tiny_config(
-        tmp_path,
-        num_epochs=8,
-        sample_batch_size=16,
-        sample_num_batches_per_epoch=4,
-        train_batch_size=16,
-        train_learning_rate=1e-3,
-        train_clip_range=0.1,
-    )
+    # The settings of the README's main job (full UNet, 64 samples x 4 steps per epoch); see TINY_TRAINING_DEFAULTS.
+    config = tiny_config(tmp_path, num_epochs=8, **TINY_TRAINING_DEFAULTS)
     pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=False)
     trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, pipeline)
     trainer.train()
@@ -213,7 +209,7 @@ def test_tdpo_raises_a_learnable_reward(tmp_path):
 
 def test_per_prompt_normalization_uses_ddpo_tracker(tmp_path, tiny_pipeline):
     config = tiny_config(tmp_path, per_prompt_stat_tracking=True, per_prompt_stat_tracking_min_count=2)
-    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     prompt_ids = trainer._tokenize(["a cat", "a dog", "a cat", "a dog"])
     normalized = trainer._normalized_rewards(np.array([1.0, 10.0, 3.0, 30.0]), prompt_ids)
     # each prompt normalized by its own statistics: cat (1, 3) and dog (10, 30)
@@ -223,7 +219,7 @@ def test_per_prompt_normalization_uses_ddpo_tracker(tmp_path, tiny_pipeline):
 def test_tensorboard_logging_writes_events(tmp_path, tiny_pipeline):
     pytest.importorskip("tensorboard")
     config = tiny_config(tmp_path, num_epochs=1, log_with="tensorboard")
-    trainer = TDPOTrainer(config, brightness_reward, cat_prompt, tiny_pipeline)
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     trainer.train()
     trainer.accelerator.end_training()
     events = [f for _, _, files in os.walk(tmp_path / "logs" / "test") for f in files if f.startswith("events.out")]

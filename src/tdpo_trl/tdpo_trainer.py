@@ -126,9 +126,7 @@ class TDPOTrainer(DDPOTrainer):
             self.accelerator.init_trackers(config.tracker_project_name, config=tracker_config, init_kwargs=config.tracker_kwargs)
         set_seed(config.seed, device_specific=True)
 
-        self.sd_pipeline.set_progress_bar_config(
-            position=1, disable=True, leave=False, desc="Timestep", dynamic_ncols=True
-        )
+        self.sd_pipeline.set_progress_bar_config(disable=True)  # per-step bars; the epoch bar is in `train`
         inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
         device = self.accelerator.device
         for module in (self.sd_pipeline.vae, self.sd_pipeline.text_encoder, self.sd_pipeline.unet):

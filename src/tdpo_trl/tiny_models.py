@@ -112,6 +112,30 @@ def tiny_clip_vision_model(seed: int = 0, image_size: int = 16) -> CLIPVisionMod
     return CLIPVisionModelWithProjection(config).eval()
 
 
+# TDPO-R settings under which the tiny pipeline learns `left_minus_right_brightness` in a few CPU epochs: 64 samples x
+# 4 DDIM steps per epoch in fp32, and the critic on flattened latents. Use with full-UNet training (`use_lora=False`):
+# LoRA on this random 1M-parameter UNet learns too slowly to show in a minute. Measured (seed 0, 8 epochs): the reward
+# mean rose 0.0003 -> 0.066 against a first-epoch spread of 0.025.
+TINY_TRAINING_DEFAULTS = dict(
+    sample_num_steps=4,
+    sample_batch_size=16,
+    sample_num_batches_per_epoch=4,
+    train_batch_size=16,
+    train_learning_rate=1e-3,
+    train_clip_range=0.1,
+    mixed_precision="no",
+    critic_encoder="latents",
+    critic_hidden_sizes=[32, 8],
+    critic_dropout=[0.0, 0.0],
+    critic_learning_rate=1e-3,
+)
+
+
+def mean_brightness(images, prompts=None, metadata=None):
+    """Mean pixel value of each image, in [0, 1]. DDPO signature: `(images, prompts, metadata) -> (rewards, {})`."""
+    return images.float().mean(dim=(1, 2, 3)), {}
+
+
 def left_minus_right_brightness(images, prompts=None, metadata=None):
     """A reward the tiny pipeline can learn: mean brightness of the left half minus the right half.
 

@@ -31,6 +31,14 @@ def test_advantage_clipping_defaults_to_off_for_tdpo_and_5_for_ddpo():
     assert TDPOConfig(train_adv_clip_max=2.0).train_adv_clip_max == 2.0
 
 
+def test_neuron_reset_defaults_to_on_for_tdpo_and_off_for_ddpo():
+    config = TDPOConfig()
+    assert config.neuron_reset is True
+    assert (config.neuron_reset_frequency, config.neuron_reset_threshold, config.neuron_reset_target) == (10, 0.0, "active")
+    assert TDPOConfig(use_critic=False).neuron_reset is False
+    assert TDPOConfig(neuron_reset=False).neuron_reset is False
+
+
 def test_every_field_has_help_and_a_docstring_entry():
     own = {f.name for f in dataclasses.fields(TDPOConfig)} - {f.name for f in dataclasses.fields(DDPOConfig)}
     assert own, "TDPOConfig adds no field"
@@ -57,6 +65,11 @@ def test_every_field_has_help_and_a_docstring_entry():
         ({"critic_hidden_sizes": [8, 4], "critic_dropout": [0.1]}, r"2 hidden sizes \[8, 4\] but 1 dropout values \[0.1\]"),
         ({"critic_dropout": [0.2, 0.2, 0.1, 1.0]}, r"`critic_dropout` values must be in \[0, 1\)"),
         ({"critic_activation": "swish"}, r"`critic_activation` must be one of .* got 'swish'"),
+        ({"use_critic": False, "neuron_reset": True}, r"`neuron_reset=True` needs a critic, but `use_critic` is False"),
+        ({"neuron_reset_target": "random"}, r"`neuron_reset_target` must be one of .* got 'random'"),
+        ({"neuron_reset_frequency": 0}, r"`neuron_reset_frequency` must be >= 1, got 0"),
+        ({"neuron_reset_threshold": -0.5}, r"`neuron_reset_threshold` must be a finite number >= 0, got -0.5"),
+        ({"neuron_reset_scoring_size": 0}, r"`neuron_reset_scoring_size` must be None or >= 1, got 0"),
         ({"tracker_kwargs": "{not json"}, r"`tracker_kwargs`: expected a JSON object, got '\{not json'"),
         ({"project_kwargs": "[1, 2]"}, r"`project_kwargs`: expected a JSON object, got '\[1, 2\]'"),
         ({"log_with": "mlflow"}, r"`log_with` must be None, 'wandb' or 'tensorboard', got 'mlflow'"),

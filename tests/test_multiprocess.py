@@ -37,6 +37,9 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
     rank1 = load_file(tmp_path / f"{mode}_rank1.safetensors")
     assert rank0.keys() == rank1.keys()
     assert any(k.startswith("critic.") for k in rank0) == (mode == "tdpo")
+    if mode == "tdpo":  # neuron reset after both epochs: same masks, same re-drawn weights on both ranks
+        assert rank0["reset_count"].item() == 2
+        assert any(k.startswith("dormant_mask.") for k in rank0)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
     # the weights did train: LoRA B starts at zero

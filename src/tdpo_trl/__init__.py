@@ -4,14 +4,18 @@ __version__ = "0.1.0.dev0"
 
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
 from .modeling_critic import CLIPImageFeatures, LatentFeatures, TimestepCritic, ValueHead
+from .neuron_reset import ActiveNeuronResetCallback
 from .pipeline import TDPOStableDiffusionPipeline
 from .tdpo_config import TDPOConfig
 from .tdpo_trainer import TDPOTrainer
+from .trainer_callback import TDPOCallback
 
 
 __all__ = [
+    "ActiveNeuronResetCallback",
     "CLIPImageFeatures",
     "LatentFeatures",
+    "TDPOCallback",
     "TDPOConfig",
     "TDPOStableDiffusionPipeline",
     "TDPOTrainer",

@@ -29,6 +29,7 @@ class JSONDict(dict):
 
 _DICT_FIELDS = ("tracker_kwargs", "accelerator_kwargs", "project_kwargs")
 _CRITIC_ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
+_RESET_TARGETS = ("active", "dormant", "all", "none")
 
 
 @dataclass
@@ -89,6 +90,23 @@ class TDPOConfig(DDPOConfig):
             Discount factor across denoising steps. With the default every step's return is the final reward.
         normalize_temporal_advantages (`bool`, *optional*, defaults to `True`):
             Normalize the temporal advantages over all (sample, step) entries of an epoch, across processes.
+
+        > Parameters that control the critic's neuron reset (the "R" of TDPO-R)
+
+        neuron_reset (`bool` or `None`, *optional*, defaults to `None`):
+            Add an [`ActiveNeuronResetCallback`] that scores the critic's neurons every epoch and periodically resets
+            some of them. `None` means on in TDPO mode and off in DDPO mode (there is no critic to reset).
+        neuron_reset_frequency (`int`, *optional*, defaults to `10`):
+            Reset after every `neuron_reset_frequency`-th epoch (`(epoch + 1) % frequency == 0`).
+        neuron_reset_threshold (`float`, *optional*, defaults to `0.0`):
+            A neuron is dormant when its normalized score (mean |activation| divided by its layer's mean) is at most
+            this value; otherwise it is active.
+        neuron_reset_target (`str`, *optional*, defaults to `"active"`):
+            Which neurons a reset re-initializes: `"active"` (TDPO-R), `"dormant"` (ReDo), `"all"`, or `"none"`
+            (measure and log the statistics, never reset).
+        neuron_reset_scoring_size (`int` or `None`, *optional*, defaults to `None`):
+            How many cached critic features per process are scored each epoch (a seeded random subset of the
+            epoch's (sample, step) entries). `None` scores all of them.
     """
 
     # Dict-valued DDPO fields, re-typed so that they accept JSON strings on the command line.
@@ -162,6 +180,29 @@ class TDPOConfig(DDPOConfig):
         metadata={"help": "Normalize temporal advantages over all (sample, step) entries, across processes."},
     )
 
+    neuron_reset: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Score and periodically reset the critic's neurons. None: on in TDPO mode, off in DDPO mode."},
+    )
+    neuron_reset_frequency: int = field(
+        default=10, metadata={"help": "Reset after every N-th epoch ((epoch + 1) % N == 0)."}
+    )
+    neuron_reset_threshold: float = field(
+        default=0.0,
+        metadata={"help": "Dormant when mean |activation| / layer mean <= this value; active otherwise."},
+    )
+    neuron_reset_target: str = field(
+        default="active",
+        metadata={
+            "help": "Neurons to reset: 'active' (TDPO-R), 'dormant' (ReDo), 'all', or 'none' (statistics only).",
+            "choices": list(_RESET_TARGETS),
+        },
+    )
+    neuron_reset_scoring_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Cached critic features per process scored each epoch; None scores all of them."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         for name in _DICT_FIELDS:
@@ -175,6 +216,8 @@ class TDPOConfig(DDPOConfig):
 
         if self.train_adv_clip_max is None:
             self.train_adv_clip_max = math.inf if self.use_critic else 5.0
+        if self.neuron_reset is None:
+            self.neuron_reset = self.use_critic
         self._check_values()
 
     def _check_values(self):
@@ -188,6 +231,7 @@ class TDPOConfig(DDPOConfig):
             "train_gradient_accumulation_steps",
             "train_num_inner_epochs",
             "critic_encode_batch_size",
+            "neuron_reset_frequency",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -235,6 +279,14 @@ class TDPOConfig(DDPOConfig):
             raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
         if not self.critic_encoder:
             raise ValueError("`critic_encoder` must be 'latents' or a CLIP vision checkpoint id or path, got ''")
+        if self.neuron_reset and not self.use_critic:
+            raise ValueError("`neuron_reset=True` needs a critic, but `use_critic` is False (DDPO mode)")
+        if self.neuron_reset_target not in _RESET_TARGETS:
+            raise ValueError(f"`neuron_reset_target` must be one of {_RESET_TARGETS}, got {self.neuron_reset_target!r}")
+        if not math.isfinite(self.neuron_reset_threshold) or self.neuron_reset_threshold < 0:
+            raise ValueError(f"`neuron_reset_threshold` must be a finite number >= 0, got {self.neuron_reset_threshold}")
+        if self.neuron_reset_scoring_size is not None and self.neuron_reset_scoring_size < 1:
+            raise ValueError(f"`neuron_reset_scoring_size` must be None or >= 1, got {self.neuron_reset_scoring_size}")
         if self.log_with not in (None, "wandb", "tensorboard"):
             raise ValueError(f"`log_with` must be None, 'wandb' or 'tensorboard', got {self.log_with!r}")
 

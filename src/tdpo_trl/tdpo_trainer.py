@@ -23,7 +23,9 @@ from trl.trainer.utils import PerPromptStatTracker
 
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
 from .modeling_critic import TimestepCritic
+from .neuron_reset import ActiveNeuronResetCallback
 from .tdpo_config import TDPOConfig
+from .trainer_callback import TDPOCallback, call_event, check_callbacks
 
 
 logger = get_logger(__name__)
@@ -63,6 +65,8 @@ class TDPOTrainer(DDPOTrainer):
         sd_pipeline ([`TDPOStableDiffusionPipeline`] or another `trl.DDPOStableDiffusionPipeline`): the model.
         image_samples_hook (`Callable`, *optional*): called as `hook(prompt_image_data, global_step, tracker)`.
         critic ([`TimestepCritic`], *optional*): a critic to use instead of the one `config.critic_encoder` names.
+        callbacks (`list[TDPOCallback]`, *optional*): called at the events listed in [`TDPOCallback`]. An
+            [`ActiveNeuronResetCallback`] is added when `config.neuron_reset` is on and none is given.
 
     Example:
         ```python
@@ -89,6 +93,7 @@ class TDPOTrainer(DDPOTrainer):
         sd_pipeline: DDPOStableDiffusionPipeline,
         image_samples_hook: Optional[Callable[[Any, Any, Any], Any]] = None,
         critic: Optional[TimestepCritic] = None,
+        callbacks: Optional[list[TDPOCallback]] = None,
     ):
         # DDPOTrainer.__init__ is not called: it forwards the un-wrapped UNet (no gradient all-reduce across
         # processes), checkpoints on rank 0 only (deadlock), needs `project_kwargs` to save and validates after
@@ -106,6 +111,11 @@ class TDPOTrainer(DDPOTrainer):
         self.num_train_timesteps = config.num_train_timesteps
         self.progress = TrainingProgress()
         self.log_history: list[dict[str, float]] = []
+        self.callbacks = check_callbacks(callbacks)
+        if config.neuron_reset and not any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks):
+            self.callbacks.append(ActiveNeuronResetCallback.from_config(config))
+        if any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks) and not config.use_critic:
+            raise ValueError("an ActiveNeuronResetCallback was given, but `config.use_critic` is False (no critic)")
 
         self.accelerator = Accelerator(
             log_with=config.log_with,
@@ -172,11 +182,21 @@ class TDPOTrainer(DDPOTrainer):
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         self.accelerator.register_for_checkpointing(self.progress)
+        for callback in self.callbacks:  # callback state (e.g. reset counts, RNG) travels with checkpoints
+            if hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict"):
+                self.accelerator.register_for_checkpointing(callback)
         if config.resume_from:
             self._resume(config.resume_from)
         self.first_epoch = self.progress.epoch
 
     # ------------------------------------------------------------------ setup helpers
+
+    def add_callback(self, callback: TDPOCallback):
+        """Add a callback (an instance or a `TDPOCallback` subclass) after construction."""
+        (callback,) = check_callbacks([callback])
+        if hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict"):
+            self.accelerator.register_for_checkpointing(callback)
+        self.callbacks.append(callback)
 
     def _project_configuration(self) -> ProjectConfiguration:
         """Checkpoints go to `<logdir>/<run_name>/checkpoints/checkpoint_<i>` unless `project_kwargs` says otherwise.
@@ -306,6 +326,7 @@ class TDPOTrainer(DDPOTrainer):
     def step(self, epoch: int, global_step: int) -> int:
         """Sample, score, and train on one epoch of trajectories. Returns the updated global step."""
         config = self.config
+        call_event(self.callbacks, "on_epoch_begin", self, epoch=epoch, global_step=global_step)
         start = time.perf_counter()
         samples, prompt_image_data = self._generate_samples(config.sample_num_batches_per_epoch, config.sample_batch_size)
         # collate: each entry becomes (num_batches_per_epoch * sample_batch_size, ...)
@@ -335,19 +356,22 @@ class TDPOTrainer(DDPOTrainer):
         trained = time.perf_counter()
 
         stats.update(self._reduce_info(train_info))
+        call_event(self.callbacks, "on_epoch_end", self, epoch=epoch, global_step=global_step, samples=samples, metrics=stats)
         stats.update(
             {
                 "time/sampling_s": sampled - start,
                 "time/reward_s": scored - sampled,
                 "time/training_s": trained - scored,
-                "time/epoch_s": trained - start,
+                "time/callbacks_s": time.perf_counter() - trained,
+                "time/epoch_s": time.perf_counter() - start,
             }
         )
         self.progress.epoch, self.progress.global_step = epoch + 1, global_step
         self.log(stats, step=global_step)
 
         if (epoch + 1) % config.save_freq == 0:
-            self.accelerator.save_state()  # every process: save_state synchronizes them
+            output_dir = self.accelerator.save_state()  # every process: save_state synchronizes them
+            call_event(self.callbacks, "on_save", self, output_dir=output_dir, epoch=epoch, global_step=global_step)
         return global_step
 
     def _reduce_info(self, info: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -419,6 +443,7 @@ class TDPOTrainer(DDPOTrainer):
                     self.critic_optimizer.zero_grad()
             if self.accelerator.sync_gradients:
                 global_step += 1
+                call_event(self.callbacks, "on_step_end", self, epoch=epoch, inner_epoch=inner_epoch, global_step=global_step)
         return global_step
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
@@ -452,6 +477,7 @@ class TDPOTrainer(DDPOTrainer):
         record = {**metrics, "step": step}
         self.log_history.append(record)
         self.accelerator.log(metrics, step=step)
+        call_event(self.callbacks, "on_log", self, logs=record, step=step)
 
     def train(self, epochs: Optional[int] = None):
         """Train until epoch `epochs` (default `config.num_epochs`), continuing from a resumed checkpoint."""
@@ -463,7 +489,9 @@ class TDPOTrainer(DDPOTrainer):
             unit="epoch",
             disable=not self.accelerator.is_local_main_process,
         )
+        call_event(self.callbacks, "on_train_begin", self, epoch=self.progress.epoch, global_step=global_step)
         for epoch in bar:
             global_step = self.step(epoch, global_step)
             bar.set_postfix(reward=f"{self.log_history[-1]['reward/mean']:.4f}")
+        call_event(self.callbacks, "on_train_end", self, epoch=self.progress.epoch, global_step=global_step)
         self.accelerator.end_training()

@@ -30,6 +30,8 @@ def main(out_dir: str, mode: str):
         logdir=os.path.join(out_dir, "logs"),
         run_name=mode,
         save_freq=1,  # checkpoint on every rank every epoch: TRL's rank-0-only save_state deadlocks here
+        neuron_reset_frequency=1,  # reset the critic's active neurons after every epoch (TDPO mode only)
+        neuron_reset_threshold=0.8,  # masks that depend on the data: each rank sees other samples
         seed=0,
     )
     trainer = TDPOTrainer(
@@ -39,6 +41,9 @@ def main(out_dir: str, mode: str):
     weights = {f"unet.{n}": p.detach().contiguous() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}
     if trainer.critic is not None:
         weights.update({f"critic.{n}": p.detach().contiguous() for n, p in trainer.critic.head.named_parameters()})
+        (reset,) = trainer.callbacks
+        weights.update({f"dormant_mask.{k}": mask for k, mask in enumerate(reset.dormant_masks)})
+        weights["reset_count"] = torch.tensor([reset.reset_count])
     rank = trainer.accelerator.process_index
     save_file(weights, os.path.join(out_dir, f"{mode}_rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"{mode}_rank{rank}.txt"), "w") as f:

@@ -87,11 +87,16 @@ def main(script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
     trainer.train()
 
     if trainer.accelerator.is_main_process:
-        print(f"\n{'epoch':>5} {'reward/mean':>12} {'reward/std':>11} {'policy/approx_kl':>17} {'critic/loss':>12}")
+        nan = float("nan")
+        print(
+            f"\n{'epoch':>5} {'reward/mean':>12} {'reward/std':>11} {'policy/approx_kl':>17} {'critic/loss':>12} "
+            f"{'dormant':>8} {'resets':>7}"
+        )
         for record in trainer.log_history:
             print(
                 f"{record['epoch']:>5} {record['reward/mean']:>12.4f} {record['reward/std']:>11.4f} "
-                f"{record['policy/approx_kl']:>17.2e} {record.get('critic/loss', float('nan')):>12.4f}"
+                f"{record['policy/approx_kl']:>17.2e} {record.get('critic/loss', nan):>12.4f} "
+                f"{record.get('neurons/dormant_fraction', nan):>8.3f} {record.get('neurons/reset_count', 0):>7}"
             )
         print(f"checkpoints: {trainer.accelerator.project_configuration.project_dir}/checkpoints")
     return trainer

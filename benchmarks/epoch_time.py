@@ -64,7 +64,9 @@ def build_trainer(variant: str, workdir: str):
         logdir=workdir,
         run_name=variant,
     )
-    return TDPOTrainer(config, mean_brightness, prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True))
+    return TDPOTrainer(
+        config, mean_brightness, prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True)
+    )
 
 
 def measure(variant: str, epochs: int, threads: int) -> dict:
@@ -103,21 +105,36 @@ def main():
 
     results = {}
     for variant in VARIANTS:
-        command = [sys.executable, __file__, "--child", variant, "--epochs", str(args.epochs), "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--epochs",
+            str(args.epochs),
+            "--threads",
+            str(args.threads),
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(output.strip().splitlines()[-1])
 
     base = results["trl-ddpo"]
-    print(f"tiny SD-shaped model, LoRA r=4; {SIZES['sample_batch_size'] * SIZES['sample_num_batches_per_epoch']} "
-          f"samples x {SIZES['sample_num_steps']} DDIM steps per epoch; {args.epochs} timed epochs; "
-          f"{args.threads} thread(s); torch {torch.__version__}")
-    header = f"{'variant':<16} {'epoch s (median)':>17} {'x TRL':>7} {'opt steps/epoch':>16} {'peak RSS MB':>12} {'x TRL':>7}"
+    print(
+        f"tiny SD-shaped model, LoRA r=4; {SIZES['sample_batch_size'] * SIZES['sample_num_batches_per_epoch']} "
+        f"samples x {SIZES['sample_num_steps']} DDIM steps per epoch; {args.epochs} timed epochs; "
+        f"{args.threads} thread(s); torch {torch.__version__}"
+    )
+    header = (
+        f"{'variant':<16} {'epoch s (median)':>17} {'x TRL':>7} {'opt steps/epoch':>16} "
+        f"{'peak RSS MB':>12} {'x TRL':>7}"
+    )
     print(header)
     print("-" * len(header))
     for variant, r in results.items():
         print(
             f"{variant:<16} {r['epoch_s_median']:>17.3f} {r['epoch_s_median'] / base['epoch_s_median']:>7.2f} "
-            f"{r['optimizer_steps_per_epoch']:>16} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:>7.2f}"
+            f"{r['optimizer_steps_per_epoch']:>16} {r['peak_rss_mb']:>12.0f} "
+            f"{r['peak_rss_mb'] / base['peak_rss_mb']:>7.2f}"
         )
 
 

@@ -1,8 +1,9 @@
 """Neuron-reset ablation on the tiny model: which critic neurons to reset (active / dormant / all / none).
 
 Trains the embedded tiny pipeline (full UNet, left-minus-right brightness, latent critic features) once per target
-and seed, for two critic heads: the paper's head (no nonlinearity; ReLU applied only when scoring) at threshold 0, and a
-ReLU head at threshold 0.1 (ReDo's setting). Prints a markdown table and, with --plot, draws the per-epoch curves.
+and seed, for two critic heads: the paper's head (no nonlinearity; ReLU applied only when scoring) at threshold 0,
+and a ReLU head at threshold 0.1 (ReDo's setting). Prints a markdown table and, with --plot, draws the per-epoch
+curves.
 
     python benchmarks/neuron_reset_ablation.py                    # 12 epochs, reset every 3, seeds 0 and 1
     python benchmarks/neuron_reset_ablation.py --epochs 6 --seeds 0 --plot ablation.png
@@ -50,7 +51,9 @@ def summarize(histories: list[list[dict]], frequency: int) -> dict[str, float]:
         "reward gain": mean([h[-1]["reward/mean"] - h[0]["reward/mean"] for h in histories]),
         "explained var. after 1st reset": mean([r["critic/explained_variance"] for h in after_first_reset for r in h]),
         "dormant fraction": mean([r["neurons/dormant_fraction"] for h in histories for r in h]),
-        "neurons reset / reset": mean([r["neurons/reset_neurons"] for h in histories for r in h if r["neurons/reset_neurons"]]),
+        "neurons reset / reset": mean(
+            [r["neurons/reset_neurons"] for h in histories for r in h if r["neurons/reset_neurons"]]
+        ),
         "callback share of epoch": mean([r["time/callbacks_s"] / r["time/epoch_s"] for h in histories for r in h]),
     }
 
@@ -100,7 +103,9 @@ def main():
         for head, overrides in HEADS.items():
             for target in TARGETS:
                 for seed in args.seeds:
-                    results[head][target].append(run(overrides, target, seed, args.epochs, args.frequency, args.logdir))
+                    results[head][target].append(
+                        run(overrides, target, seed, args.epochs, args.frequency, args.logdir)
+                    )
 
     print(f"\n{args.epochs} epochs, reset every {args.frequency}, seeds {args.seeds} (means over seeds)\n")
     columns = list(summarize(results[next(iter(HEADS))][TARGETS[0]], args.frequency))

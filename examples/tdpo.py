@@ -57,9 +57,7 @@ class ScriptArguments:
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the whole UNet (False)."})
-    reward: str = field(
-        default="brightness", metadata={"help": "Reward function.", "choices": sorted(REWARDS)}
-    )
+    reward: str = field(default="brightness", metadata={"help": "Reward function.", "choices": sorted(REWARDS)})
 
 
 def parse_args(argv=None):

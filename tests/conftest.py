@@ -57,4 +57,3 @@ def tiny_clip_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-clip")
     tiny_clip_vision_model(seed=0).save_pretrained(path)
     return str(path)
-

@@ -4,12 +4,11 @@ import os
 
 import pytest
 import torch
+from conftest import cat_prompt, tiny_config
 from transformers import TrainerCallback
 
 from tdpo_trl import ActiveNeuronResetCallback, TDPOCallback, TDPOStableDiffusionPipeline, TDPOTrainer
 from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
-
-from conftest import cat_prompt, tiny_config
 
 
 class RecordingCallback(TDPOCallback):
@@ -132,7 +131,9 @@ def test_reset_state_travels_with_checkpoints(tmp_path, tiny_pipeline):
     assert callback.reset_count == 2
     expected_draw = torch.rand(4, generator=torch.Generator().set_state(callback.generator().get_state()))
 
-    resumed_config = tiny_config(tmp_path, num_epochs=2, save_freq=1, neuron_reset_frequency=1, resume_from=str(tmp_path / "logs" / "test"))
+    resumed_config = tiny_config(
+        tmp_path, num_epochs=2, save_freq=1, neuron_reset_frequency=1, resume_from=str(tmp_path / "logs" / "test")
+    )
     resumed = TDPOTrainer(resumed_config, mean_brightness, cat_prompt, fresh_pipeline())
     (restored,) = resumed.callbacks
     assert restored.reset_count == 2

@@ -4,9 +4,9 @@ import math
 
 import pytest
 from transformers import HfArgumentParser
+from trl import DDPOConfig
 
 from tdpo_trl import TDPOConfig
-from trl import DDPOConfig
 
 
 def test_subclasses_ddpo_config_with_paper_defaults():
@@ -34,7 +34,11 @@ def test_advantage_clipping_defaults_to_off_for_tdpo_and_5_for_ddpo():
 def test_neuron_reset_defaults_to_on_for_tdpo_and_off_for_ddpo():
     config = TDPOConfig()
     assert config.neuron_reset is True
-    assert (config.neuron_reset_frequency, config.neuron_reset_threshold, config.neuron_reset_target) == (10, 0.0, "active")
+    assert (config.neuron_reset_frequency, config.neuron_reset_threshold, config.neuron_reset_target) == (
+        10,
+        0.0,
+        "active",
+    )
     assert TDPOConfig(use_critic=False).neuron_reset is False
     assert TDPOConfig(neuron_reset=False).neuron_reset is False
 
@@ -57,15 +61,29 @@ def test_every_field_has_help_and_a_docstring_entry():
         ({"gamma": 1.5}, r"`gamma` must be in \[0, 1\], got 1.5"),
         ({"train_timestep_fraction": 0.0}, r"`train_timestep_fraction` must be in \(0, 1\], got 0.0"),
         ({"sample_num_steps": 4, "train_timestep_fraction": 0.2}, r"4 \* 0.2 trains on no timestep"),
-        ({"sample_batch_size": 4, "train_batch_size": 3}, r"`sample_batch_size` \(4\) must be a multiple of `train_batch_size` \(3\)"),
         (
-            {"sample_batch_size": 2, "sample_num_batches_per_epoch": 3, "train_batch_size": 2, "train_gradient_accumulation_steps": 2},
+            {"sample_batch_size": 4, "train_batch_size": 3},
+            r"`sample_batch_size` \(4\) must be a multiple of `train_batch_size` \(3\)",
+        ),
+        (
+            {
+                "sample_batch_size": 2,
+                "sample_num_batches_per_epoch": 3,
+                "train_batch_size": 2,
+                "train_gradient_accumulation_steps": 2,
+            },
             r"3 minibatches per epoch .* not a multiple of `train_gradient_accumulation_steps` \(2\)",
         ),
-        ({"critic_hidden_sizes": [8, 4], "critic_dropout": [0.1]}, r"2 hidden sizes \[8, 4\] but 1 dropout values \[0.1\]"),
+        (
+            {"critic_hidden_sizes": [8, 4], "critic_dropout": [0.1]},
+            r"2 hidden sizes \[8, 4\] but 1 dropout values \[0.1\]",
+        ),
         ({"critic_dropout": [0.2, 0.2, 0.1, 1.0]}, r"`critic_dropout` values must be in \[0, 1\)"),
         ({"critic_activation": "swish"}, r"`critic_activation` must be one of .* got 'swish'"),
-        ({"use_critic": False, "neuron_reset": True}, r"`neuron_reset=True` needs a critic, but `use_critic` is False"),
+        (
+            {"use_critic": False, "neuron_reset": True},
+            r"`neuron_reset=True` needs a critic, but `use_critic` is False",
+        ),
         ({"neuron_reset_target": "random"}, r"`neuron_reset_target` must be one of .* got 'random'"),
         ({"neuron_reset_frequency": 0}, r"`neuron_reset_frequency` must be >= 1, got 0"),
         ({"neuron_reset_threshold": -0.5}, r"`neuron_reset_threshold` must be a finite number >= 0, got -0.5"),

@@ -10,7 +10,13 @@ def test_value_head_matches_the_paper_shape_and_init():
     torch.manual_seed(0)
     head = ValueHead(768)
     linears = head.linear_layers
-    assert [(m.in_features, m.out_features) for m in linears] == [(768, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (768, 1024),
+        (1024, 128),
+        (128, 64),
+        (64, 16),
+        (16, 1),
+    ]
     assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.2, 0.2, 0.1]
     assert not any(isinstance(m, (nn.ReLU, nn.GELU)) for m in head)  # no nonlinearity, as the LAION head
     assert all(torch.all(m.bias == 0) for m in linears)

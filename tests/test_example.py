@@ -13,7 +13,9 @@ def test_example_main_job_runs_and_prints_the_table(tmp_path):
         sys.executable, EXAMPLE, "--num_epochs", "2", "--sample_num_batches_per_epoch", "1",
         "--neuron_reset_frequency", "1", "--save_freq", "1", "--logdir", str(tmp_path), "--run_name", "example",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["epoch", "reward/mean"])

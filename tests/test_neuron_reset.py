@@ -62,11 +62,15 @@ TARGETS = ["active", "dormant", "all"]
 @pytest.mark.parametrize("activation", [None, nn.ReLU, nn.Tanh], ids=["linear", "relu", "tanh"])
 @pytest.mark.parametrize("input_dim, hidden_sizes", SHAPES, ids=[str(s[1]) for s in SHAPES])
 @pytest.mark.parametrize("target", TARGETS)
-def test_reset_changes_exactly_the_selected_neurons_and_their_adam_moments(make_head, activation, input_dim, hidden_sizes, target):
+def test_reset_changes_exactly_the_selected_neurons_and_their_adam_moments(
+    make_head, activation, input_dim, hidden_sizes, target
+):
     head = make_head(input_dim, hidden_sizes, activation)
     optimizer = trained_with_adam(head, input_dim)
     layers = hidden_layers(head)
-    dormant = [torch.rand(size, generator=torch.Generator().manual_seed(3 + k)) < 0.4 for k, size in enumerate(hidden_sizes)]
+    dormant = [
+        torch.rand(size, generator=torch.Generator().manual_seed(3 + k)) < 0.4 for k, size in enumerate(hidden_sizes)
+    ]
     masks = {"active": [~m for m in dormant], "dormant": dormant, "all": [torch.ones_like(m) for m in dormant]}[target]
     before = {p: p.detach().clone() for p in head.parameters()}
     state_before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in head.parameters()}
@@ -127,8 +131,9 @@ def test_successive_resets_draw_fresh_numbers_and_leave_the_global_rng_alone():
 def test_hidden_layers_pair_each_linear_with_its_activation_and_consumer():
     head = ValueHead(6, (5, 3), (0.2, 0.0), "relu")
     layers = hidden_layers(head)
-    assert [(l.linear.in_features, l.linear.out_features, l.next_linear.out_features) for l in layers] == [(6, 5, 3), (5, 3, 1)]
-    assert all(isinstance(l.activation, nn.ReLU) for l in layers)
+    shapes = [(lay.linear.in_features, lay.linear.out_features, lay.next_linear.out_features) for lay in layers]
+    assert shapes == [(6, 5, 3), (5, 3, 1)]
+    assert all(isinstance(layer.activation, nn.ReLU) for layer in layers)
     assert hidden_layers(ValueHead(6, (5,), (0.2,)))[0].activation is torch.nn.functional.relu  # the paper's head
     with pytest.raises(ValueError, match="at least 2 Linear layers"):
         hidden_layers(nn.Sequential(nn.Linear(4, 1)))
@@ -161,7 +166,11 @@ def test_scores_on_constructed_activations():
 def fake_trainer(head, optimizer=None):
     accelerator = Accelerator(cpu=True)
     return SimpleNamespace(
-        accelerator=accelerator, critic_head=head, critic_optimizer=optimizer, critic=object(), config=SimpleNamespace(seed=0)
+        accelerator=accelerator,
+        critic_head=head,
+        critic_optimizer=optimizer,
+        critic=object(),
+        config=SimpleNamespace(seed=0),
     )
 
 
@@ -209,12 +218,19 @@ def test_callback_resets_on_schedule_and_zeroes_moments_through_an_accelerated_o
     for epoch in range(4):
         before = head[0].weight.clone()
         metrics = {}
-        callback.on_epoch_end(trainer, epoch=epoch, global_step=0, samples={"critic_features": features}, metrics=metrics)
+        callback.on_epoch_end(
+            trainer, epoch=epoch, global_step=0, samples={"critic_features": features}, metrics=metrics
+        )
         counts.append((metrics["neurons/reset_count"], metrics["neurons/reset_neurons"]))
         active_rows = ~callback.dormant_masks[0]
-        assert torch.equal(head[0].weight[active_rows] != before[active_rows], torch.full_like(before[active_rows], epoch % 2 == 1, dtype=torch.bool))
+        assert torch.equal(
+            head[0].weight[active_rows] != before[active_rows],
+            torch.full_like(before[active_rows], epoch % 2 == 1, dtype=torch.bool),
+        )
         if epoch % 2 == 1:
-            assert torch.equal(optimizer.state[head[0].weight]["exp_avg"][active_rows], torch.zeros_like(before[active_rows]))
+            assert torch.equal(
+                optimizer.state[head[0].weight]["exp_avg"][active_rows], torch.zeros_like(before[active_rows])
+            )
     active = 5 - int(torch.cat(callback.dormant_masks).sum())
     assert [c[0] for c in counts] == [0, 1, 1, 2]
     assert counts[1][1] > 0 and counts[0][1] == counts[2][1] == 0
@@ -226,7 +242,9 @@ def test_target_none_only_measures():
     before = head[0].weight.clone()
     callback = ActiveNeuronResetCallback(frequency=1, target="none")
     metrics = {}
-    callback.on_epoch_end(fake_trainer(head), epoch=0, global_step=0, samples={"critic_features": torch.randn(2, 2, 2)}, metrics=metrics)
+    callback.on_epoch_end(
+        fake_trainer(head), epoch=0, global_step=0, samples={"critic_features": torch.randn(2, 2, 2)}, metrics=metrics
+    )
     assert metrics["neurons/reset_count"] == 0 and "neurons/dormant_fraction" in metrics
     assert torch.equal(before, head[0].weight)
 

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import cat_prompt, tiny_config
 from trl import DDPOTrainer
 
-from conftest import cat_prompt, tiny_config
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
 from tdpo_trl.tiny_models import (
     TINY_TRAINING_DEFAULTS,
@@ -131,7 +131,9 @@ def test_nonfinite_rewards_give_zero_advantage(tmp_path, tiny_pipeline):
 
 
 def test_clip_critic_end_to_end(tmp_path, tiny_pipeline, tiny_clip_path):
-    config = tiny_config(tmp_path, num_epochs=1, critic_encoder=tiny_clip_path, critic_hidden_sizes=[8], critic_dropout=[0.1])
+    config = tiny_config(
+        tmp_path, num_epochs=1, critic_encoder=tiny_clip_path, critic_hidden_sizes=[8], critic_dropout=[0.1]
+    )
     trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     before = critic_state(trainer)
     trainer.train()
@@ -151,7 +153,9 @@ def test_checkpoints_with_default_settings_and_resume(tmp_path):
     with pytest.raises(ValueError, match="already holds checkpoints; set `resume_from`"):
         TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
 
-    config = tiny_config(tmp_path, save_freq=1, num_checkpoint_limit=2, num_epochs=3, resume_from=str(tmp_path / "logs" / "test"))
+    config = tiny_config(
+        tmp_path, save_freq=1, num_checkpoint_limit=2, num_epochs=3, resume_from=str(tmp_path / "logs" / "test")
+    )
     resumed = TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
     assert resumed.first_epoch == 3 and resumed.progress.global_step == trainer.progress.global_step
     for name, value in lora_state(trainer).items():

@@ -49,7 +49,7 @@ def clipped_value_loss(
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
-    """1 - Var(targets - predictions) / Var(targets); 1 is perfect, <= 0 is no better than the mean. NaN if constant."""
+    """1 - Var(targets - predictions) / Var(targets): 1 is perfect, <= 0 no better than the mean. NaN if constant."""
     var_targets = targets.var(unbiased=False)
     if var_targets == 0:
         return float("nan")

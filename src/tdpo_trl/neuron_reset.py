@@ -6,8 +6,9 @@ they fit early experience (primacy bias) while the dormant ones act as a regular
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -254,7 +255,9 @@ class ActiveNeuronResetCallback(TDPOCallback):
             }[self.target]
             head = trainer.accelerator.unwrap_model(trainer.critic_head)
             init_std = self.init_std if self.init_std is not None else getattr(head, "init_std", None)
-            reset = reset_neurons(hidden_layers(head), selected, trainer.critic_optimizer, self.generator(trainer), init_std)
+            reset = reset_neurons(
+                hidden_layers(head), selected, trainer.critic_optimizer, self.generator(trainer), init_std
+            )
             self.reset_count += 1
         metrics["neurons/reset_count"] = self.reset_count
         metrics["neurons/reset_neurons"] = reset

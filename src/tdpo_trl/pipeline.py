@@ -17,7 +17,9 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 def default_lora_config() -> LoraConfig:
     """The adapter TRL's DDPO trains: rank 4 on the attention projections."""
-    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    return LoraConfig(
+        r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+    )
 
 
 class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):

@@ -182,7 +182,9 @@ class TDPOConfig(DDPOConfig):
 
     neuron_reset: Optional[bool] = field(
         default=None,
-        metadata={"help": "Score and periodically reset the critic's neurons. None: on in TDPO mode, off in DDPO mode."},
+        metadata={
+            "help": "Score and periodically reset the critic's neurons. None: on in TDPO mode, off in DDPO mode."
+        },
     )
     neuron_reset_frequency: int = field(
         default=10, metadata={"help": "Reset after every N-th epoch ((epoch + 1) % N == 0)."}
@@ -267,9 +269,13 @@ class TDPOConfig(DDPOConfig):
                 f"`train_gradient_accumulation_steps` ({self.train_gradient_accumulation_steps})"
             )
         if self.critic_activation not in _CRITIC_ACTIVATIONS:
-            raise ValueError(f"`critic_activation` must be one of {_CRITIC_ACTIVATIONS}, got {self.critic_activation!r}")
+            raise ValueError(
+                f"`critic_activation` must be one of {_CRITIC_ACTIVATIONS}, got {self.critic_activation!r}"
+            )
         if not self.critic_hidden_sizes or any(size < 1 for size in self.critic_hidden_sizes):
-            raise ValueError(f"`critic_hidden_sizes` must be a non-empty list of sizes >= 1, got {self.critic_hidden_sizes}")
+            raise ValueError(
+                f"`critic_hidden_sizes` must be a non-empty list of sizes >= 1, got {self.critic_hidden_sizes}"
+            )
         if len(self.critic_dropout) != len(self.critic_hidden_sizes):
             raise ValueError(
                 f"`critic_dropout` needs one value per hidden layer: {len(self.critic_hidden_sizes)} hidden sizes "
@@ -282,9 +288,13 @@ class TDPOConfig(DDPOConfig):
         if self.neuron_reset and not self.use_critic:
             raise ValueError("`neuron_reset=True` needs a critic, but `use_critic` is False (DDPO mode)")
         if self.neuron_reset_target not in _RESET_TARGETS:
-            raise ValueError(f"`neuron_reset_target` must be one of {_RESET_TARGETS}, got {self.neuron_reset_target!r}")
+            raise ValueError(
+                f"`neuron_reset_target` must be one of {_RESET_TARGETS}, got {self.neuron_reset_target!r}"
+            )
         if not math.isfinite(self.neuron_reset_threshold) or self.neuron_reset_threshold < 0:
-            raise ValueError(f"`neuron_reset_threshold` must be a finite number >= 0, got {self.neuron_reset_threshold}")
+            raise ValueError(
+                f"`neuron_reset_threshold` must be a finite number >= 0, got {self.neuron_reset_threshold}"
+            )
         if self.neuron_reset_scoring_size is not None and self.neuron_reset_scoring_size < 1:
             raise ValueError(f"`neuron_reset_scoring_size` must be None or >= 1, got {self.neuron_reset_scoring_size}")
         if self.log_with not in (None, "wandb", "tensorboard"):

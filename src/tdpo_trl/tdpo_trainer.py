@@ -8,8 +8,9 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,7 +32,16 @@ from .trainer_callback import TDPOCallback, call_event, check_callbacks
 logger = get_logger(__name__)
 
 # Sample entries indexed by denoising step: shape (N, T, ...). They are permuted along T before training.
-_PER_STEP_KEYS = ("timesteps", "latents", "next_latents", "log_probs", "advantages", "critic_features", "values", "returns")
+_PER_STEP_KEYS = (
+    "timesteps",
+    "latents",
+    "next_latents",
+    "log_probs",
+    "advantages",
+    "critic_features",
+    "values",
+    "returns",
+)
 
 
 class TrainingProgress:
@@ -54,8 +64,8 @@ class TDPOTrainer(DDPOTrainer):
     Sampling records, for every denoising step t of every trajectory, the critic's value V(x_t) and the critic
     features of x_t (cached, never recomputed). The final reward is normalized (per prompt or over the batch), turned
     into per-step returns G_t, and into temporal advantages A_t = G_t - V(x_t). Training is timestep-major: for every
-    timestep position, for every minibatch, a PPO-clipped policy loss on that step's log-prob ratio plus a clipped value
-    loss. Gradients of the LoRA (or UNet) and of the critic head are all-reduced across processes.
+    timestep position, for every minibatch, a PPO-clipped policy loss on that step's log-prob ratio plus a clipped
+    value loss. Gradients of the LoRA (or UNet) and of the critic head are all-reduced across processes.
 
     Args:
         config ([`TDPOConfig`]): training configuration.
@@ -132,12 +142,18 @@ class TDPOTrainer(DDPOTrainer):
             raise ValueError(message)
         if self.accelerator.is_main_process and config.log_with is not None:
             tracker_config = config.to_dict()
-            tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in tracker_config.items()}
-            self.accelerator.init_trackers(config.tracker_project_name, config=tracker_config, init_kwargs=config.tracker_kwargs)
+            tracker_config = {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in tracker_config.items()
+            }
+            self.accelerator.init_trackers(
+                config.tracker_project_name, config=tracker_config, init_kwargs=config.tracker_kwargs
+            )
         set_seed(config.seed, device_specific=True)
 
         self.sd_pipeline.set_progress_bar_config(disable=True)  # per-step bars; the epoch bar is in `train`
-        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
         device = self.accelerator.device
         for module in (self.sd_pipeline.vae, self.sd_pipeline.text_encoder, self.sd_pipeline.unet):
             if module.dtype == inference_dtype:
@@ -226,7 +242,11 @@ class TDPOTrainer(DDPOTrainer):
     def _tokenize(self, prompts) -> torch.Tensor:
         tokenizer = self.sd_pipeline.tokenizer
         return tokenizer(
-            list(prompts), return_tensors="pt", padding="max_length", truncation=True, max_length=tokenizer.model_max_length
+            list(prompts),
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
         ).input_ids.to(self.accelerator.device)
 
     def _resume(self, path: str):
@@ -328,7 +348,9 @@ class TDPOTrainer(DDPOTrainer):
         config = self.config
         call_event(self.callbacks, "on_epoch_begin", self, epoch=epoch, global_step=global_step)
         start = time.perf_counter()
-        samples, prompt_image_data = self._generate_samples(config.sample_num_batches_per_epoch, config.sample_batch_size)
+        samples, prompt_image_data = self._generate_samples(
+            config.sample_num_batches_per_epoch, config.sample_batch_size
+        )
         # collate: each entry becomes (num_batches_per_epoch * sample_batch_size, ...)
         samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
         sampled = time.perf_counter()
@@ -352,11 +374,15 @@ class TDPOTrainer(DDPOTrainer):
             batched = self._shuffle_and_batch(samples)
             global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched, train_info)
             if not self.accelerator.sync_gradients:
-                raise RuntimeError("an inner epoch ended between optimizer steps; check gradient accumulation settings")
+                raise RuntimeError(
+                    "an inner epoch ended between optimizer steps; check gradient accumulation settings"
+                )
         trained = time.perf_counter()
 
         stats.update(self._reduce_info(train_info))
-        call_event(self.callbacks, "on_epoch_end", self, epoch=epoch, global_step=global_step, samples=samples, metrics=stats)
+        call_event(
+            self.callbacks, "on_epoch_end", self, epoch=epoch, global_step=global_step, samples=samples, metrics=stats
+        )
         stats.update(
             {
                 "time/sampling_s": sampled - start,
@@ -435,7 +461,9 @@ class TDPOTrainer(DDPOTrainer):
                 if self.accelerator.sync_gradients:
                     self.accelerator.clip_grad_norm_(self.trainable_layers, self.config.train_max_grad_norm)
                     if self.critic is not None:
-                        self.accelerator.clip_grad_norm_(self.critic_head.parameters(), self.config.critic_max_grad_norm)
+                        self.accelerator.clip_grad_norm_(
+                            self.critic_head.parameters(), self.config.critic_max_grad_norm
+                        )
                 self.optimizer.step()  # accelerate skips the step until gradients are synced
                 self.optimizer.zero_grad()
                 if self.critic is not None:
@@ -443,7 +471,9 @@ class TDPOTrainer(DDPOTrainer):
                     self.critic_optimizer.zero_grad()
             if self.accelerator.sync_gradients:
                 global_step += 1
-                call_event(self.callbacks, "on_step_end", self, epoch=epoch, inner_epoch=inner_epoch, global_step=global_step)
+                call_event(
+                    self.callbacks, "on_step_end", self, epoch=epoch, inner_epoch=inner_epoch, global_step=global_step
+                )
         return global_step
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
@@ -453,7 +483,9 @@ class TDPOTrainer(DDPOTrainer):
             if self.config.train_cfg:
                 noise_pred = self.unet(torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds).sample
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + self.config.sample_guidance_scale * (noise_pred_text - noise_pred_uncond)
+                noise_pred = noise_pred_uncond + self.config.sample_guidance_scale * (
+                    noise_pred_text - noise_pred_uncond
+                )
             else:
                 noise_pred = self.unet(latents, timesteps, embeds).sample
             # log-prob of next_latents given latents under the current policy

@@ -140,8 +140,9 @@ def left_minus_right_brightness(images, prompts=None, metadata=None):
     """A reward the tiny pipeline can learn: mean brightness of the left half minus the right half.
 
     Plain mean brightness barely responds to the tiny policy, because the random VAE decoder's GroupNorms erase a
-    uniform latent shift; a left/right latent pattern of +-0.5 moves this reward by about two of its standard deviations
-    across samples. DDPO signature: `(images (B, 3, H, W) in [0, 1], prompts, metadata) -> (rewards (B,), {})`.
+    uniform latent shift; a left/right latent pattern of +-0.5 moves this reward by about two of its standard
+    deviations across samples.
+    DDPO signature: `(images (B, 3, H, W) in [0, 1], prompts, metadata) -> (rewards (B,), {})`.
     """
     half = images.shape[-1] // 2
     return images[..., :half].float().mean(dim=(1, 2, 3)) - images[..., half:].float().mean(dim=(1, 2, 3)), {}

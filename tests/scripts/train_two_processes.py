@@ -35,10 +35,15 @@ def main(out_dir: str, mode: str):
         seed=0,
     )
     trainer = TDPOTrainer(
-        config, left_minus_right_brightness, lambda: ("a photo of a cat", {}), TDPOStableDiffusionPipeline(tiny_stable_diffusion())
+        config,
+        left_minus_right_brightness,
+        lambda: ("a photo of a cat", {}),
+        TDPOStableDiffusionPipeline(tiny_stable_diffusion()),
     )
     trainer.train()
-    weights = {f"unet.{n}": p.detach().contiguous() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n}
+    weights = {
+        f"unet.{n}": p.detach().contiguous() for n, p in trainer.sd_pipeline.unet.named_parameters() if "lora" in n
+    }
     if trainer.critic is not None:
         weights.update({f"critic.{n}": p.detach().contiguous() for n, p in trainer.critic.head.named_parameters()})
         (reset,) = trainer.callbacks

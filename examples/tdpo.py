@@ -56,7 +56,6 @@ class ScriptArguments:
         metadata={"help": "A diffusers Stable Diffusion model id or folder, or 'tiny' for the embedded tiny model."},
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the whole UNet (False)."})
     reward: str = field(default="brightness", metadata={"help": "Reward function.", "choices": sorted(REWARDS)})
 
 
@@ -73,9 +72,8 @@ def main(script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
         model = tiny_stable_diffusion(seed=config.seed)
     else:
         model = script_args.pretrained_model
-    pipeline = TDPOStableDiffusionPipeline(
-        model, pretrained_model_revision=script_args.pretrained_revision, use_lora=script_args.use_lora
-    )
+    # LoRA or full UNet, and the adapter's shape, come from the config (`--use_lora`, `--lora_rank`, ...)
+    pipeline = TDPOStableDiffusionPipeline(model, pretrained_model_revision=script_args.pretrained_revision)
     trainer = TDPOTrainer(
         config,
         reward_function=REWARDS[script_args.reward],

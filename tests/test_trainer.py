@@ -150,7 +150,9 @@ def test_checkpoints_with_default_settings_and_resume(tmp_path):
     files = set(os.listdir(folder / "checkpoint_2"))
     assert {"pytorch_lora_weights.safetensors", "model.safetensors", "optimizer.bin", "optimizer_1.bin"} <= files
 
-    with pytest.raises(ValueError, match="already holds checkpoints; set `resume_from`"):
+    with pytest.raises(
+        ValueError, match=r"already holds checkpoints \(checkpoint_2 is the latest\); set `resume_from`"
+    ):
         TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
 
     config = tiny_config(

@@ -45,8 +45,19 @@ class ValueHead(nn.Sequential):
         layers.append(nn.Linear(in_features, 1))
         super().__init__(*layers)
         self.input_dim = input_dim
+        self.hidden_sizes, self.dropout, self.activation = list(hidden_sizes), list(dropout), activation
         self.init_std = 1.0 / (input_dim + 1)
         self.reset_parameters()
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments: `ValueHead(**head.config)` builds the same architecture."""
+        return {
+            "input_dim": self.input_dim,
+            "hidden_sizes": self.hidden_sizes,
+            "dropout": self.dropout,
+            "activation": self.activation,
+        }
 
     @property
     def linear_layers(self) -> list[nn.Linear]:

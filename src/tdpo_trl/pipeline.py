@@ -35,7 +35,8 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         pretrained_model_name: a diffusers Stable Diffusion model id, a local folder, or a `StableDiffusionPipeline`.
         pretrained_model_revision: Hub revision, for ids.
         use_lora: train a LoRA adapter on the UNet (`True`) or the whole UNet (`False`).
-        lora_config: the adapter to train; defaults to `default_lora_config()`.
+        lora_config: the adapter to train. `None`: the `lora_*` fields of the trainer's `TDPOConfig` (whose defaults
+            are `default_lora_config()`).
         torch_dtype: dtype to load the pipeline in.
     """
 
@@ -64,7 +65,7 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
             )
         self.pretrained_revision = pretrained_model_revision
         self.use_lora = use_lora
-        self.lora_config = lora_config if lora_config is not None else default_lora_config()
+        self.lora_config = lora_config
 
         self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
         scheduler_config = self.sd_pipeline.scheduler.config
@@ -80,13 +81,22 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         self.sd_pipeline.text_encoder.requires_grad_(False)
         self.sd_pipeline.unet.requires_grad_(not self.use_lora)
 
+    def apply_training_config(self, config):
+        """Take `use_lora` (unless it is `None`) and, if no `lora_config` was given, the LoRA settings of a
+        `TDPOConfig`. Called by `TDPOTrainer` before the adapter is attached."""
+        if config.use_lora is not None and config.use_lora != self.use_lora:
+            self.use_lora = config.use_lora
+            self.sd_pipeline.unet.requires_grad_(not self.use_lora)
+        if self.lora_config is None:
+            self.lora_config = config.lora_config()
+
     def get_trainable_layers(self) -> torch.nn.Module:
         """Attach the LoRA adapter (if `use_lora`) and return the UNet, whose trainable weights are in fp32."""
         unet = self.sd_pipeline.unet
         if self.use_lora:
             if getattr(unet, "peft_config", None) and "default" in unet.peft_config:
                 raise RuntimeError("the UNet already has a 'default' LoRA adapter; build a new pipeline to retrain")
-            unet.add_adapter(self.lora_config)
+            unet.add_adapter(self.lora_config if self.lora_config is not None else default_lora_config())
             for param in unet.parameters():
                 if param.requires_grad:  # only the adapter: upcast so fp16 runs can unscale its gradients
                     param.data = param.data.float()

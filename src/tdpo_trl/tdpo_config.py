@@ -30,6 +30,7 @@ class JSONDict(dict):
 _DICT_FIELDS = ("tracker_kwargs", "accelerator_kwargs", "project_kwargs")
 _CRITIC_ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
 _RESET_TARGETS = ("active", "dormant", "all", "none")
+_LORA_INITS = ("gaussian", "default")
 
 
 @dataclass
@@ -50,6 +51,23 @@ class TDPOConfig(DDPOConfig):
         train_adv_clip_max (`float` or `None`, *optional*, defaults to `None`):
             Clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`. `None` means DDPO's 5.0 when
             `use_critic=False` and no clipping when `use_critic=True` (as the TDPO-R paper).
+
+        > Parameters that control the policy's LoRA adapter
+
+        use_lora (`bool` or `None`, *optional*, defaults to `None`):
+            Train a LoRA adapter on the UNet (`True`) or the whole UNet (`False`). `None` keeps the pipeline's
+            `use_lora` (TRL's convention: `TDPOStableDiffusionPipeline(..., use_lora=True)`).
+        lora_rank (`int`, *optional*, defaults to `4`):
+            Rank r of the adapter.
+        lora_alpha (`float`, *optional*, defaults to `4.0`):
+            LoRA scaling numerator: the update is scaled by `lora_alpha / lora_rank`.
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the adapter's input.
+        lora_target_modules (`list[str]`, *optional*, defaults to `["to_k", "to_q", "to_v", "to_out.0"]`):
+            UNet module names that get an adapter (the attention projections, as TRL's DDPO).
+        lora_init (`str`, *optional*, defaults to `"gaussian"`):
+            `"gaussian"` (A ~ N(0, 1/r), B = 0, as TRL's DDPO) or `"default"` (PEFT's Kaiming-uniform A, B = 0).
+            Either way the adapter starts as the identity.
 
         > Parameters that control the critic
 
@@ -131,6 +149,22 @@ class TDPOConfig(DDPOConfig):
             "help": "Clip advantages to [-x, x]. None: 5.0 in DDPO mode (use_critic=False), no clipping in TDPO mode "
             "(as the paper)."
         },
+    )
+
+    use_lora: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Train a LoRA adapter (True) or the whole UNet (False); None keeps the pipeline's setting."},
+    )
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapter's input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        metadata={"help": "UNet module names that get a LoRA adapter."},
+    )
+    lora_init: str = field(
+        default="gaussian",
+        metadata={"help": "LoRA init: 'gaussian' (as TRL's DDPO) or 'default' (PEFT's).", "choices": _LORA_INITS},
     )
 
     use_critic: bool = field(
@@ -234,6 +268,7 @@ class TDPOConfig(DDPOConfig):
             "train_num_inner_epochs",
             "critic_encode_batch_size",
             "neuron_reset_frequency",
+            "lora_rank",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -285,6 +320,14 @@ class TDPOConfig(DDPOConfig):
             raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
         if not self.critic_encoder:
             raise ValueError("`critic_encoder` must be 'latents' or a CLIP vision checkpoint id or path, got ''")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError(f"`lora_target_modules` must name at least one module, got {self.lora_target_modules}")
+        if self.lora_init not in _LORA_INITS:
+            raise ValueError(f"`lora_init` must be one of {_LORA_INITS}, got {self.lora_init!r}")
         if self.neuron_reset and not self.use_critic:
             raise ValueError("`neuron_reset=True` needs a critic, but `use_critic` is False (DDPO mode)")
         if self.neuron_reset_target not in _RESET_TARGETS:
@@ -299,6 +342,18 @@ class TDPOConfig(DDPOConfig):
             raise ValueError(f"`neuron_reset_scoring_size` must be None or >= 1, got {self.neuron_reset_scoring_size}")
         if self.log_with not in (None, "wandb", "tensorboard"):
             raise ValueError(f"`log_with` must be None, 'wandb' or 'tensorboard', got {self.log_with!r}")
+
+    def lora_config(self):
+        """The `peft.LoraConfig` these fields describe."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules),
+            init_lora_weights="gaussian" if self.lora_init == "gaussian" else True,
+        )
 
     @property
     def num_train_timesteps(self) -> int:

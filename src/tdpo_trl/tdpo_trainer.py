@@ -23,6 +23,7 @@ from trl.models import DDPOStableDiffusionPipeline
 from trl.trainer.utils import PerPromptStatTracker
 
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
+from .checkpointing import StatTrackerState, TrainingProgress, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
 from .tdpo_config import TDPOConfig
@@ -42,20 +43,6 @@ _PER_STEP_KEYS = (
     "values",
     "returns",
 )
-
-
-class TrainingProgress:
-    """Epoch and global step, saved in every checkpoint through `accelerator.register_for_checkpointing`."""
-
-    def __init__(self):
-        self.epoch = 0  # next epoch to run
-        self.global_step = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "global_step": self.global_step}
-
-    def load_state_dict(self, state: dict):
-        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
 
 
 class TDPOTrainer(DDPOTrainer):
@@ -120,7 +107,7 @@ class TDPOTrainer(DDPOTrainer):
         self.image_samples_callback = image_samples_hook
         self.num_train_timesteps = config.num_train_timesteps
         self.progress = TrainingProgress()
-        self.log_history: list[dict[str, float]] = []
+        self.log_history: list[dict[str, float]] = self.progress.log_history  # one record per epoch, checkpointed
         self.callbacks = check_callbacks(callbacks)
         if config.neuron_reset and not any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks):
             self.callbacks.append(ActiveNeuronResetCallback.from_config(config))
@@ -160,6 +147,12 @@ class TDPOTrainer(DDPOTrainer):
                 module.to(device)
             else:  # frozen weights are only used for inference
                 module.to(device, dtype=inference_dtype)
+        if hasattr(self.sd_pipeline, "apply_training_config"):
+            self.sd_pipeline.apply_training_config(config)
+        elif config.use_lora is not None and config.use_lora != self.sd_pipeline.use_lora:
+            raise ValueError(
+                f"`config.use_lora` is {config.use_lora} but the pipeline's `use_lora` is {self.sd_pipeline.use_lora}"
+            )
         unet = self.sd_pipeline.get_trainable_layers()
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -198,6 +191,8 @@ class TDPOTrainer(DDPOTrainer):
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         self.accelerator.register_for_checkpointing(self.progress)
+        if config.per_prompt_stat_tracking:
+            self.accelerator.register_for_checkpointing(StatTrackerState(self.stat_tracker))
         for callback in self.callbacks:  # callback state (e.g. reset counts, RNG) travels with checkpoints
             if hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict"):
                 self.accelerator.register_for_checkpointing(callback)
@@ -215,7 +210,8 @@ class TDPOTrainer(DDPOTrainer):
         self.callbacks.append(callback)
 
     def _project_configuration(self) -> ProjectConfiguration:
-        """Checkpoints go to `<logdir>/<run_name>/checkpoints/checkpoint_<i>` unless `project_kwargs` says otherwise.
+        """Checkpoints go to `<project_dir>/checkpoints/checkpoint_<i>`, `project_dir` defaulting to
+        `<logdir>/<run_name>`; the newest `total_limit` (default `num_checkpoint_limit`) are kept.
 
         Without a `run_name` the run folder gets a timestamp, so that a second run never collides with the first.
         """
@@ -224,15 +220,15 @@ class TDPOTrainer(DDPOTrainer):
         if "project_dir" not in kwargs:
             run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
             kwargs["project_dir"] = os.path.join(config.logdir, run_name)
-            kwargs.setdefault("automatic_checkpoint_naming", True)
-            kwargs.setdefault("total_limit", config.num_checkpoint_limit)
-        checkpoints = os.path.join(kwargs["project_dir"], "checkpoints")
-        if kwargs.get("automatic_checkpoint_naming") and os.path.isdir(checkpoints) and os.listdir(checkpoints):
-            if not config.resume_from:
-                raise ValueError(
-                    f"{checkpoints!r} already holds checkpoints; set `resume_from` to continue that run, or choose "
-                    "another `run_name` or `logdir`"
-                )
+        self.checkpoint_limit = kwargs.pop("total_limit", config.num_checkpoint_limit)
+        kwargs["automatic_checkpoint_naming"] = False  # checkpoints are named and rotated by `save_checkpoint`
+        self.checkpoint_dir = os.path.join(kwargs["project_dir"], "checkpoints")
+        existing = list_checkpoints(self.checkpoint_dir)
+        if existing and not config.resume_from:
+            raise ValueError(
+                f"{self.checkpoint_dir!r} already holds checkpoints ({os.path.basename(existing[-1])} is the latest); "
+                "set `resume_from` to continue that run, or choose another `run_name` or `logdir`"
+            )
         return ProjectConfiguration(**kwargs)
 
     def _latent_shape(self) -> tuple[int, int, int]:
@@ -250,18 +246,10 @@ class TDPOTrainer(DDPOTrainer):
         ).input_ids.to(self.accelerator.device)
 
     def _resume(self, path: str):
-        path = os.path.normpath(os.path.expanduser(path))
-        if not os.path.isdir(path):
-            raise ValueError(f"`resume_from` {path!r} is not a directory")
-        if not os.path.basename(path).startswith("checkpoint_"):
-            folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-            numbers = sorted(int(n.split("_")[-1]) for n in os.listdir(folder) if n.startswith("checkpoint_"))
-            if not numbers:
-                raise ValueError(f"`resume_from` {path!r} holds no checkpoint_* folder")
-            path = os.path.join(folder, f"checkpoint_{numbers[-1]}")
+        """Load weights, optimizers, RNG states, progress, reward statistics and callback state of a checkpoint."""
+        path = resolve_checkpoint(path)
         logger.info(f"Resuming from {path}")
         self.accelerator.load_state(path)
-        self.accelerator.project_configuration.iteration = int(path.rsplit("_", 1)[-1]) + 1
 
     def _save_model_hook(self, models, weights, output_dir):
         # The UNet is saved by the pipeline (LoRA in diffusers format); accelerate saves the critic head.
@@ -396,9 +384,15 @@ class TDPOTrainer(DDPOTrainer):
         self.log(stats, step=global_step)
 
         if (epoch + 1) % config.save_freq == 0:
-            output_dir = self.accelerator.save_state()  # every process: save_state synchronizes them
+            output_dir = self.save_checkpoint()
             call_event(self.callbacks, "on_save", self, output_dir=output_dir, epoch=epoch, global_step=global_step)
         return global_step
+
+    def save_checkpoint(self) -> str:
+        """Write the next `checkpoint_<i>` (every process must call this) and rotate old ones. Returns its path."""
+        index = self.progress.next_checkpoint
+        self.progress.next_checkpoint = index + 1  # saved inside the checkpoint: a resumed run continues the count
+        return save_checkpoint(self.accelerator, self.checkpoint_dir, index, self.checkpoint_limit)
 
     def _reduce_info(self, info: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         means = {k: torch.stack(v).mean() for k, v in info.items()}

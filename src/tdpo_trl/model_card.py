@@ -1,0 +1,174 @@
+"""Model cards for adapters trained with `TDPOTrainer`, built with huggingface_hub's `ModelCard`."""
+
+from typing import Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+
+
+TAGS = ["text-to-image", "diffusers", "lora", "trl", "ddpo", "tdpo", "reinforcement-learning"]
+
+CITATIONS = """\
+```bibtex
+@inproceedings{zhang2024confronting,
+  title = {Confronting Reward Overoptimization for Diffusion Models: A Perspective of Inductive and Primacy Biases},
+  author = {Ziyi Zhang and Sen Zhang and Yibing Zhan and Yong Luo and Yonggang Wen and Dacheng Tao},
+  booktitle = {Proceedings of the 41st International Conference on Machine Learning},
+  pages = {60396--60413},
+  year = {2024},
+}
+
+@inproceedings{black2024training,
+  title = {Training Diffusion Models with Reinforcement Learning},
+  author = {Kevin Black and Michael Janner and Yilun Du and Ilya Kostrikov and Sergey Levine},
+  booktitle = {The Twelfth International Conference on Learning Representations},
+  year = {2024},
+}
+```"""
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ description }}
+
+## Use
+
+```python
+{{ usage }}
+```
+
+Download the files with `huggingface-cli download {{ repo_id }} --local-dir {{ local_name }}`.
+
+## Training
+
+- Algorithm: {{ algorithm }}
+- Reward: {{ rewards }}
+- Trained weights: {{ trained }}
+
+| hyperparameter | value |
+| --- | --- |
+{% for name, value in hyperparameters %}| `{{ name }}` | {{ value }} |
+{% endfor %}
+{% if metrics %}
+## Final metrics
+
+| metric | value |
+| --- | --- |
+{% for name, value in metrics %}| `{{ name }}` | {{ value }} |
+{% endfor %}
+{% endif %}
+Trained with tdpo-trl {{ version }} (TDPO-R on TRL's DDPO trainer).
+
+## Citations
+
+{{ citations }}
+"""
+
+HYPERPARAMETERS = (
+    "num_epochs",
+    "sample_num_steps",
+    "sample_batch_size",
+    "sample_num_batches_per_epoch",
+    "sample_guidance_scale",
+    "sample_eta",
+    "train_batch_size",
+    "train_gradient_accumulation_steps",
+    "train_learning_rate",
+    "train_clip_range",
+    "train_num_inner_epochs",
+    "train_timestep_fraction",
+    "critic_encoder",
+    "critic_learning_rate",
+    "gamma",
+    "neuron_reset",
+    "neuron_reset_frequency",
+    "neuron_reset_target",
+    "mixed_precision",
+    "seed",
+)
+METRICS = (
+    "epoch",
+    "reward/mean",
+    "reward/std",
+    "policy/approx_kl",
+    "critic/explained_variance",
+    "neurons/dormant_fraction",
+)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def create_model_card(
+    *,
+    config,
+    base_model: Optional[str],
+    repo_id: Optional[str],
+    reward_names: list[str],
+    use_lora: bool,
+    lora_config=None,
+    final_metrics: Optional[dict] = None,
+    version: str = "",
+) -> ModelCard:
+    """A diffusers text-to-image card: metadata, a usage snippet, the reward, key hyperparameters, final metrics and
+    citations of TDPO-R and DDPO."""
+    algorithm = "TDPO-R (temporal critic, active-neuron reset)" if config.use_critic else "DDPO"
+    if config.use_critic and not config.neuron_reset:
+        algorithm = "TDPO (temporal critic, no neuron reset)"
+    tags = TAGS if use_lora else [t for t in TAGS if t != "lora"]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        base_model=base_model,
+        pipeline_tag="text-to-image",
+        tags=tags,
+        license=None,
+    )
+    repo = repo_id or "<your-repo-id>"
+    base = base_model or "<base-model-id>"
+    if use_lora:
+        usage = (
+            "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+            f'pipe.load_lora_weights("{repo}")\n'
+            'image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=5.0).images[0]'
+        )
+        trained = (
+            f"LoRA (r={lora_config.r}, alpha={lora_config.lora_alpha}, "
+            f"targets {sorted(lora_config.target_modules)}) in diffusers format"
+        )
+    else:
+        usage = (
+            "import torch\nfrom diffusers import StableDiffusionPipeline, UNet2DConditionModel\n\n"
+            f'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet", torch_dtype=torch.float16)\n'
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16)\n'
+            'image = pipe.to("cuda")("a photo of a cat").images[0]'
+        )
+        trained = "the whole UNet (`unet/`)"
+    title = f"{repo_id.split('/')[-1]}" if repo_id else f"{algorithm.split(' ')[0]} fine-tune of {base}"
+    description = (
+        f"A {'LoRA adapter for' if use_lora else 'fine-tuned UNet of'} `{base}`, trained by reinforcement learning "
+        f"with {algorithm} to maximize the reward {', '.join(f'`{r}`' for r in reward_names)}."
+    )
+    hyperparameters = [(name, _format(getattr(config, name))) for name in HYPERPARAMETERS if hasattr(config, name)]
+    metrics = [(name, _format(final_metrics[name])) for name in METRICS if final_metrics and name in final_metrics]
+    return ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE,
+        title=title,
+        description=description,
+        usage=usage,
+        repo_id=repo,
+        local_name=repo.split("/")[-1],
+        algorithm=algorithm,
+        rewards=", ".join(f"`{r}`" for r in reward_names),
+        trained=trained,
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+        version=version,
+        citations=CITATIONS,
+    )

@@ -1,0 +1,90 @@
+"""What `TDPOTrainer.save_pretrained` writes, and how to read it back. State-dict I/O only; no training logic.
+
+A saved folder holds:
+- `pytorch_lora_weights.safetensors`: the policy's LoRA in diffusers format (`pipe.load_lora_weights(folder)`), or
+  `unet/` (a diffusers `UNet2DConditionModel`) when the whole UNet was trained;
+- `critic_head.safetensors` and `critic_config.json`: the critic's trained head (`load_critic_head`);
+- `tdpo_config.json`: the training configuration;
+- `README.md`: the model card.
+"""
+
+import copy
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .modeling_critic import ValueHead
+from .pipeline import LORA_WEIGHT_NAME
+
+
+CRITIC_WEIGHTS_NAME = "critic_head.safetensors"
+CRITIC_CONFIG_NAME = "critic_config.json"
+TRAINING_CONFIG_NAME = "tdpo_config.json"
+MERGED_PIPELINE_DIR = "merged_pipeline"
+
+
+def json_safe(value: Any) -> Any:
+    """Config values as strict JSON: non-finite floats become None (for `train_adv_clip_max`, None means the same)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def save_training_config(config, save_directory: str) -> str:
+    path = os.path.join(save_directory, TRAINING_CONFIG_NAME)
+    with open(path, "w") as f:
+        json.dump(json_safe(config.to_dict()), f, indent=2, sort_keys=True, allow_nan=False)
+    return path
+
+
+def save_critic_head(head: ValueHead, save_directory: str, encoder: str) -> None:
+    """The head's weights (safetensors) and what rebuilds it (JSON: `ValueHead.config` plus the encoder name)."""
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
+    save_file(state, os.path.join(save_directory, CRITIC_WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(save_directory, CRITIC_CONFIG_NAME), "w") as f:
+        json.dump({**head.config, "encoder": encoder}, f, indent=2)
+
+
+def load_critic_head(directory: str) -> tuple[ValueHead, str]:
+    """`(head, encoder_name)` from a folder written by `save_critic_head`."""
+    config_path = os.path.join(directory, CRITIC_CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {CRITIC_CONFIG_NAME} in {directory!r}: was it saved with a critic (TDPO mode)?")
+    with open(config_path) as f:
+        config = json.load(f)
+    encoder = config.pop("encoder")
+    head = ValueHead(
+        config["input_dim"], tuple(config["hidden_sizes"]), tuple(config["dropout"]), config["activation"]
+    )
+    head.load_state_dict(load_file(os.path.join(directory, CRITIC_WEIGHTS_NAME)))
+    return head, encoder
+
+
+def save_policy(sd_pipeline, unet: torch.nn.Module, save_directory: str) -> str:
+    """The LoRA in diffusers format (or `unet/` for full-UNet training), through the pipeline's checkpoint writer
+    (`get_peft_model_state_dict` -> `convert_state_dict_to_diffusers` -> `save_lora_weights`). Returns the path."""
+    sd_pipeline.save_checkpoint([unet], None, save_directory)
+    return os.path.join(save_directory, LORA_WEIGHT_NAME if sd_pipeline.use_lora else "unet")
+
+
+def save_merged_pipeline(sd_pipeline, unet: torch.nn.Module, save_directory: str) -> str:
+    """A full `StableDiffusionPipeline` with the LoRA fused into a copy of the UNet; the training UNet is untouched."""
+    pipeline = sd_pipeline.sd_pipeline
+    merged_unet = copy.deepcopy(unet)
+    if sd_pipeline.use_lora:
+        merged_unet.fuse_lora()
+        merged_unet.unload_lora()  # plain diffusers modules, loadable as a base model
+    components = {**pipeline.components, "unet": merged_unet}
+    path = os.path.join(save_directory, MERGED_PIPELINE_DIR)
+    type(pipeline)(**components).save_pretrained(path)
+    return path

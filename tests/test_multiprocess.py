@@ -17,18 +17,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["tdpo", "ddpo"])
-def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
+def launch_two_processes(*args):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        SCRIPT, str(tmp_path), mode,
+        SCRIPT, *map(str, args),
     ]  # fmt: skip
     # A deadlock (TRL saves state on rank 0 only, and save_state has a barrier) shows up as a timeout.
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["tdpo", "ddpo"])
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
+    launch_two_processes(tmp_path, mode)
 
     for rank in (0, 1):
         processes, _ = (tmp_path / f"{mode}_rank{rank}.txt").read_text().split()
@@ -46,3 +50,17 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
     assert any(name.endswith("lora_B.default.weight") and rank0[name].abs().sum() > 0 for name in rank0)
     checkpoints = tmp_path / "logs" / mode / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["checkpoint_0", "checkpoint_1"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["tdpo", "ddpo"])
+def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, mode):
+    launch_two_processes(tmp_path, mode, 3, "straight")
+    launch_two_processes(tmp_path, mode, 1, "interrupted")
+    launch_two_processes(tmp_path, mode, 3, "interrupted", "--resume")
+    for rank in (0, 1):
+        straight = load_file(tmp_path / f"straight_rank{rank}.safetensors")
+        resumed = load_file(tmp_path / f"interrupted_rank{rank}.safetensors")
+        assert straight.keys() == resumed.keys()
+        for name in straight:
+            assert torch.equal(straight[name], resumed[name]), f"rank {rank}: {name} differs after resuming"

@@ -1,6 +1,8 @@
 """Train the tiny pipeline on every process and save each rank's trainable weights, for comparison across ranks.
 
-Run: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/train_two_processes.py OUT_DIR {tdpo,ddpo}
+Run: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/train_two_processes.py OUT_DIR {tdpo,ddpo} \
+        [EPOCHS] [RUN_NAME] [--resume]
+Writes OUT_DIR/<RUN_NAME>_rank<i>.safetensors (RUN_NAME defaults to the mode).
 """
 
 import os
@@ -13,10 +15,11 @@ from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
 from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
 
 
-def main(out_dir: str, mode: str):
+def main(out_dir: str, mode: str, epochs: int = 2, run_name: str = "", resume: bool = False):
     torch.set_num_threads(1)
+    run_name = run_name or mode
     config = TDPOConfig(
-        num_epochs=2,
+        num_epochs=epochs,
         sample_num_steps=4,
         sample_batch_size=4,
         sample_num_batches_per_epoch=1,
@@ -28,7 +31,8 @@ def main(out_dir: str, mode: str):
         critic_hidden_sizes=[32, 8],
         critic_dropout=[0.1, 0.0],  # dropout draws differ per rank; the all-reduced gradients must not
         logdir=os.path.join(out_dir, "logs"),
-        run_name=mode,
+        run_name=run_name,
+        resume_from=os.path.join(out_dir, "logs", run_name) if resume else "",
         save_freq=1,  # checkpoint on every rank every epoch: TRL's rank-0-only save_state deadlocks here
         neuron_reset_frequency=1,  # reset the critic's active neurons after every epoch (TDPO mode only)
         neuron_reset_threshold=0.8,  # masks that depend on the data: each rank sees other samples
@@ -50,10 +54,17 @@ def main(out_dir: str, mode: str):
         weights.update({f"dormant_mask.{k}": mask for k, mask in enumerate(reset.dormant_masks)})
         weights["reset_count"] = torch.tensor([reset.reset_count])
     rank = trainer.accelerator.process_index
-    save_file(weights, os.path.join(out_dir, f"{mode}_rank{rank}.safetensors"))
-    with open(os.path.join(out_dir, f"{mode}_rank{rank}.txt"), "w") as f:
+    save_file(weights, os.path.join(out_dir, f"{run_name}_rank{rank}.safetensors"))
+    with open(os.path.join(out_dir, f"{run_name}_rank{rank}.txt"), "w") as f:
         f.write(f"{trainer.accelerator.num_processes} {trainer.log_history[-1]['reward/mean']}\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    main(
+        args[0],
+        args[1],
+        int(args[2]) if len(args) > 2 else 2,
+        args[3] if len(args) > 3 else "",
+        "--resume" in sys.argv,
+    )

@@ -5,8 +5,8 @@ from typing import Optional, Union
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.utils import convert_unet_state_dict_to_peft
-from peft import LoraConfig, set_peft_model_state_dict
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from trl import DefaultDDPOStableDiffusionPipeline
 
 
@@ -101,6 +101,22 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
                 if param.requires_grad:  # only the adapter: upcast so fp16 runs can unscale its gradients
                     param.data = param.data.float()
         return unet
+
+    def save_checkpoint(self, models, weights, output_dir):
+        """The LoRA in diffusers format, with its config (rank, alpha, targets) in the safetensors metadata so that
+        `load_lora_weights` restores the same scaling; the whole UNet under `unet/` without LoRA."""
+        if not self.use_lora:
+            return super().save_checkpoint(models, weights, output_dir)
+        if len(models) != 1:
+            raise ValueError(f"expected the UNet alone, got {len(models)} models")
+        unet = models[0]
+        state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="default"))
+        self.sd_pipeline.save_lora_weights(
+            save_directory=output_dir,
+            unet_lora_layers=state_dict,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            weight_name=LORA_WEIGHT_NAME,
+        )
 
     def load_checkpoint(self, models, input_dir):
         """Load a checkpoint's LoRA weights into the adapter being trained (`default`)."""

@@ -22,8 +22,11 @@ from trl import DDPOTrainer
 from trl.models import DDPOStableDiffusionPipeline
 from trl.trainer.utils import PerPromptStatTracker
 
+from . import saving
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
 from .checkpointing import StatTrackerState, TrainingProgress, list_checkpoints, resolve_checkpoint, save_checkpoint
+from .hub import check_repo_id, push_folder
+from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
 from .tdpo_config import TDPOConfig
@@ -254,12 +257,12 @@ class TDPOTrainer(DDPOTrainer):
     def _save_model_hook(self, models, weights, output_dir):
         # The UNet is saved by the pipeline (LoRA in diffusers format); accelerate saves the critic head.
         index = self._unet_index(models)
-        self.sd_pipeline.save_checkpoint([models[index]], None, output_dir)
+        self.sd_pipeline.save_checkpoint([self.accelerator.unwrap_model(models[index])], None, output_dir)
         weights.pop(index)
 
     def _load_model_hook(self, models, input_dir):
         index = self._unet_index(models)
-        self.sd_pipeline.load_checkpoint([models[index]], input_dir)
+        self.sd_pipeline.load_checkpoint([self.accelerator.unwrap_model(models[index])], input_dir)
         models.pop(index)
 
     def _unet_index(self, models) -> int:
@@ -497,6 +500,104 @@ class TDPOTrainer(DDPOTrainer):
         """Clipped value loss of one denoising step from cached features `(B, D)`. Returns `(loss, clipfrac)`."""
         values = self.critic_head(features)  # (B,)
         return clipped_value_loss(values, old_values, returns, self.config.critic_value_clip_range)
+
+    # ------------------------------------------------------------------ saving and sharing
+
+    def reward_names(self) -> list[str]:
+        names = getattr(self.reward_fn, "reward_names", None)  # a combined reward lists its components
+        if names:
+            return list(names)
+        name = getattr(self.reward_fn, "__name__", type(self.reward_fn).__name__)
+        return ["custom (lambda)" if name == "<lambda>" else name]
+
+    def base_model_id(self) -> Optional[str]:
+        """The base model's Hub id, if the pipeline was loaded by id (not from a local folder or built in memory)."""
+        name = getattr(self.sd_pipeline, "pretrained_model", None)
+        if not isinstance(name, str) or not name or os.path.exists(name):  # a local folder is not a Hub id
+            return None
+        return name
+
+    def create_model_card(self, base_model: Optional[str] = None, repo_id: Optional[str] = None):
+        """A `huggingface_hub.ModelCard` for the trained adapter (see `tdpo_trl.model_card`)."""
+        from . import __version__
+
+        unet = self.accelerator.unwrap_model(self.unet)
+        lora_config = unet.peft_config.get("default") if getattr(unet, "peft_config", None) else None
+        return create_model_card(
+            config=self.config,
+            base_model=base_model or self.base_model_id(),
+            repo_id=repo_id,
+            reward_names=self.reward_names(),
+            use_lora=self.sd_pipeline.use_lora,
+            lora_config=lora_config,
+            final_metrics=self.log_history[-1] if self.log_history else None,
+            version=__version__,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str,
+        *,
+        merged_pipeline: bool = False,
+        base_model: Optional[str] = None,
+        repo_id: Optional[str] = None,
+    ) -> str:
+        """Write the trained LoRA (diffusers format; `unet/` for full-UNet training), the critic head, the training
+        config and a model card to `save_directory`. Every process may call it; the main process writes.
+
+        Args:
+            merged_pipeline: also write a full pipeline with the LoRA fused into the UNet, in `merged_pipeline/`.
+            base_model: Hub id of the base model for the card, if the pipeline was not loaded by id.
+            repo_id: the Hub repo the card's usage snippet names.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` {save_directory!r} is a file; give a folder")
+        if self.accelerator.is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            unet = self.accelerator.unwrap_model(self.unet)
+            saving.save_policy(self.sd_pipeline, unet, save_directory)
+            if self.critic is not None:
+                head = self.accelerator.unwrap_model(self.critic_head)
+                saving.save_critic_head(head, save_directory, encoder=self.config.critic_encoder)
+            saving.save_training_config(self.config, save_directory)
+            if merged_pipeline:
+                saving.save_merged_pipeline(self.sd_pipeline, unet, save_directory)
+            self.create_model_card(base_model=base_model, repo_id=repo_id).save(
+                os.path.join(save_directory, "README.md")
+            )
+        self.accelerator.wait_for_everyone()
+        return save_directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        commit_message: str = "Upload TDPO-R fine-tune",
+        local_dir: Optional[str] = None,
+        merged_pipeline: bool = False,
+        base_model: Optional[str] = None,
+        revision: Optional[str] = None,
+    ) -> Optional[str]:
+        """Save locally (`local_dir`, default `<project_dir>/hub/<repo name>`), then create the repo and upload.
+
+        Returns the commit URL on the main process (None on the others). If the Hub cannot be reached, a
+        `tdpo_trl.hub.HubUploadError` says what failed and where the saved files are; they are kept.
+        """
+        check_repo_id(repo_id)  # before anything is written
+        if local_dir is None:
+            local_dir = os.path.join(self.accelerator.project_dir, "hub", repo_id.split("/")[-1])
+        local_dir = os.fspath(local_dir)
+        self.save_pretrained(local_dir, merged_pipeline=merged_pipeline, base_model=base_model, repo_id=repo_id)
+        url = None
+        if self.accelerator.is_main_process:
+            url = push_folder(
+                local_dir, repo_id, private=private, token=token, commit_message=commit_message, revision=revision
+            )
+            logger.info(f"Pushed {local_dir} to {url}")
+        self.accelerator.wait_for_everyone()
+        return url
 
     def log(self, metrics: dict[str, float], step: int):
         """Send metrics to the trackers and keep them in `self.log_history`."""

@@ -29,6 +29,7 @@ from .hub import check_repo_id, push_folder
 from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
+from .rewards import reward_name
 from .tdpo_config import TDPOConfig
 from .trainer_callback import TDPOCallback, call_event, check_callbacks
 
@@ -327,6 +328,19 @@ class TDPOTrainer(DDPOTrainer):
         stats["advantage/std"] = advantages.std(unbiased=False).item()
         return stats
 
+    def _reward_component_stats(self, rewards_metadata: list) -> dict[str, float]:
+        """`reward/<name>/mean|std` for rewards that report components (e.g. `tdpo_trl.rewards.WeightedSum`)."""
+        components = defaultdict(list)
+        for metadata in rewards_metadata:
+            for name, values in (metadata.get("components", {}) if isinstance(metadata, dict) else {}).items():
+                components[name].append(torch.as_tensor(values, dtype=torch.float32, device=self.accelerator.device))
+        stats = {}
+        for name, values in components.items():
+            gathered = self.accelerator.gather(torch.cat(values))
+            stats[f"reward/{name}/mean"] = gathered.mean().item()
+            stats[f"reward/{name}/std"] = gathered.std(unbiased=False).item()
+        return stats
+
     def _local_rows(self, gathered: torch.Tensor) -> torch.Tensor:
         """This process's rows of a tensor gathered over processes: (N_all, ...) -> (N_all / P, ...)."""
         rows = gathered.reshape(self.accelerator.num_processes, -1, *gathered.shape[1:])
@@ -357,6 +371,7 @@ class TDPOTrainer(DDPOTrainer):
 
         finite = rewards[np.isfinite(rewards)]
         stats = {"epoch": epoch, "reward/mean": float(finite.mean()), "reward/std": float(finite.std())}
+        stats.update(self._reward_component_stats(rewards_metadata))
         stats.update(self._compute_advantages(samples, self._normalized_rewards(rewards, samples["prompt_ids"])))
         del samples["prompt_ids"]
 
@@ -505,10 +520,7 @@ class TDPOTrainer(DDPOTrainer):
 
     def reward_names(self) -> list[str]:
         names = getattr(self.reward_fn, "reward_names", None)  # a combined reward lists its components
-        if names:
-            return list(names)
-        name = getattr(self.reward_fn, "__name__", type(self.reward_fn).__name__)
-        return ["custom (lambda)" if name == "<lambda>" else name]
+        return list(names) if names else [reward_name(self.reward_fn)]
 
     def base_model_id(self) -> Optional[str]:
         """The base model's Hub id, if the pipeline was loaded by id (not from a local folder or built in memory)."""

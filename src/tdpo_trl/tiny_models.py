@@ -112,6 +112,38 @@ def tiny_clip_vision_model(seed: int = 0, image_size: int = 16) -> CLIPVisionMod
     return CLIPVisionModelWithProjection(config).eval()
 
 
+def tiny_clip_model(seed: int = 0, image_size: int = 16):
+    """A seeded two-layer `CLIPModel` (text and image towers, 16-d projections; a stand-in for PickScore / CLIP-L in
+    tests) and its character-level tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=TINY_PROMPT_LENGTH,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=4,
+        ),  # fmt: skip
+        projection_dim=16,
+    )
+    return CLIPModel(config).eval(), tokenizer
+
+
 # TDPO-R settings under which the tiny pipeline learns `left_minus_right_brightness` in a few CPU epochs: 64 samples x
 # 4 DDIM steps per epoch in fp32, and the critic on flattened latents. Use with full-UNet training (`use_lora=False`):
 # LoRA on this random 1M-parameter UNet learns too slowly to show in a minute. Measured (seed 0, 8 epochs): the reward

@@ -1,0 +1,313 @@
+"""Reward functions with DDPO's signature `(images, prompts, metadata) -> (rewards, metadata)`.
+
+`images` are `(B, 3, H, W)` in [0, 1]; rewards come back as a float32 `(B,)` tensor on the images' device. Model-based
+rewards load their weights on the first call (so building one is cheap), run without gradients in `dtype`, and
+score in chunks of `batch_size`. Build any of them by name with `get_reward_function("aesthetic")`, or a function of
+your own by dotted path (`"my_package.rewards:sharpness"`).
+"""
+
+import importlib
+import io
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from PIL import Image
+
+from .modeling_critic import CLIPImageFeatures, ValueHead
+
+
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def _jpeg_kilobytes(images: torch.Tensor, quality: int) -> torch.Tensor:
+    sizes = []
+    for image in _to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+def jpeg_compressibility(images, prompts=None, metadata=None, quality: int = 95):
+    """Minus the JPEG size in kB at `quality` (DDPO's compressibility reward): smaller files score higher."""
+    return -_jpeg_kilobytes(images, quality), {}
+
+
+def jpeg_incompressibility(images, prompts=None, metadata=None, quality: int = 95):
+    """The JPEG size in kB at `quality` (DDPO's incompressibility reward): more detail scores higher."""
+    return _jpeg_kilobytes(images, quality), {}
+
+
+class _LazyModelReward:
+    """Loads its models on the first call, then scores in chunks without gradients."""
+
+    name = "reward"
+
+    def __init__(self, device: Optional[str] = None, dtype: torch.dtype = torch.float32, batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self._loaded = False
+
+    def load(self):
+        raise NotImplementedError
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts=None, metadata=None):
+        if not self._loaded:
+            self.load()
+            self._loaded = True
+        device = torch.device(self.device) if self.device is not None else images.device
+        for module in self.modules():
+            module.to(device=device, dtype=self.dtype).eval()
+        prompts = list(prompts) if prompts is not None else [""] * len(images)
+        scores = [
+            self.score(images[i : i + self.batch_size].to(device), prompts[i : i + self.batch_size])
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(scores).float().to(images.device), {}
+
+
+class AestheticScore(_LazyModelReward):
+    """LAION aesthetic predictor: an MLP on normalized CLIP ViT-L/14 image embeddings (the paper's target reward).
+
+    Downloads `clip_model` (1.7 GB) and `head_filename` from `head_repo` (4 MB; the weights TRL's DDPO example uses).
+    """
+
+    name = "aesthetic"
+
+    def __init__(
+        self,
+        clip_model: str = "openai/clip-vit-large-patch14",
+        head_repo: str = "trl-lib/ddpo-aesthetic-predictor",
+        head_filename: str = "aesthetic-model.pth",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.clip_model, self.head_repo, self.head_filename = clip_model, head_repo, head_filename
+
+    def load(self):
+        self.features = CLIPImageFeatures.from_pretrained(self.clip_model)
+        self.head = ValueHead(self.features.feature_dim, (1024, 128, 64, 16), (0.2, 0.2, 0.1, 0.0))
+        state = torch.load(hf_hub_download(self.head_repo, self.head_filename), map_location="cpu", weights_only=True)
+        self.head.load_state_dict({key.removeprefix("layers."): value for key, value in state.items()})
+
+    def modules(self):
+        return [self.features, self.head]
+
+    def score(self, images, prompts):
+        return self.head(self.features(images).to(self.dtype))
+
+
+class CLIPTextImageScore(_LazyModelReward):
+    """`scale` x cosine similarity of CLIP image and text embeddings; `scale=None` uses the model's logit scale."""
+
+    name = "clip_text_image"
+
+    def __init__(self, model: str, tokenizer: Optional[str] = None, scale: Optional[float] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.model_name, self.tokenizer_name, self.scale = model, tokenizer or model, scale
+
+    def load(self):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(self.model_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+
+    def modules(self):
+        return [self.model]
+
+    def score(self, images, prompts):
+        size = self.model.config.vision_config.image_size
+        pixels = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        mean = torch.tensor(_CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(_CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+        pixels = ((pixels - mean) / std).to(self.dtype)
+        tokens = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+        ).to(pixels.device)
+        output = self.model(**tokens, pixel_values=pixels)  # projected embeddings of both towers
+        image_embeds = F.normalize(output.image_embeds.float(), dim=-1)
+        text_embeds = F.normalize(output.text_embeds.float(), dim=-1)
+        scale = self.model.logit_scale.exp().float() if self.scale is None else self.scale
+        return scale * (image_embeds * text_embeds).sum(-1)
+
+
+class PickScore(CLIPTextImageScore):
+    """PickScore (Kirstain et al., 2023): a CLIP-H fine-tuned on human preferences, scaled image-text logit.
+
+    Downloads `yuvalkirstain/PickScore_v1` (3.9 GB) and the tokenizer of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`.
+    """
+
+    name = "pickscore"
+
+    def __init__(
+        self,
+        model: str = "yuvalkirstain/PickScore_v1",
+        tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        **kwargs,
+    ):
+        super().__init__(model, tokenizer, scale=None, **kwargs)
+
+
+class CLIPScore(CLIPTextImageScore):
+    """CLIP score: 100 x cosine(image, prompt) with CLIP ViT-L/14 (1.7 GB), text-image agreement."""
+
+    name = "clip_score"
+
+    def __init__(self, model: str = "openai/clip-vit-large-patch14", **kwargs):
+        super().__init__(model, model, scale=100.0, **kwargs)
+
+
+def _optional(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"this reward needs the `{package}` package: pip install {package}") from err
+
+
+class HPSv2(CLIPTextImageScore):
+    """HPS v2 (Wu et al., 2023): open_clip ViT-H-14 fine-tuned on human preference (needs `open_clip_torch`)."""
+
+    name = "hpsv2"
+
+    def __init__(self, repo: str = "xswu/HPSv2", filename: str = "HPS_v2_compressed.pt", **kwargs):
+        _LazyModelReward.__init__(self, **kwargs)
+        self.repo, self.filename, self.scale = repo, filename, 1.0
+
+    def load(self):
+        open_clip = _optional("open_clip", "open_clip_torch")
+        model, _, _ = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)
+        checkpoint = torch.load(hf_hub_download(self.repo, self.filename), map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["state_dict"])
+        self.model, self.tokenizer = model, open_clip.get_tokenizer("ViT-H-14")
+
+    def score(self, images, prompts):
+        size = self.model.visual.image_size[0]
+        pixels = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        mean = torch.tensor(_CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(_CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+        image_embeds = F.normalize(self.model.encode_image(((pixels - mean) / std).to(self.dtype)).float(), dim=-1)
+        text_embeds = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(pixels.device)).float(), dim=-1)
+        return (image_embeds * text_embeds).sum(-1)
+
+
+class ImageRewardScore(_LazyModelReward):
+    """ImageReward (Xu et al., 2023), through its own package (`image-reward`); downloads ImageReward-v1.0."""
+
+    name = "imagereward"
+
+    def __init__(self, model: str = "ImageReward-v1.0", **kwargs):
+        super().__init__(**kwargs)
+        self.model_name = model
+
+    def load(self):
+        image_reward = _optional("ImageReward", "image-reward")
+        self.model = image_reward.load(self.model_name, device="cpu")
+
+    def modules(self):
+        return [self.model]
+
+    def score(self, images, prompts):
+        return torch.tensor([self.model.score(p, [im])[0] for p, im in zip(prompts, _to_pil(images))])
+
+
+REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "aesthetic": AestheticScore,
+    "pickscore": PickScore,
+    "hpsv2": HPSv2,
+    "imagereward": ImageRewardScore,
+    "clip_score": CLIPScore,
+    "jpeg_compressibility": lambda **kwargs: jpeg_compressibility,
+    "jpeg_incompressibility": lambda **kwargs: jpeg_incompressibility,
+}
+
+
+def get_reward_function(spec: str, **kwargs) -> Callable:
+    """A reward by registry name (`REWARD_FUNCTIONS`) or dotted path (`"pkg.module:name"` or `"pkg.module.name"`).
+
+    A class found by path is instantiated with `kwargs`; a function is returned as is.
+    """
+    if spec in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[spec](**kwargs)
+    module_name, _, attribute = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not module_name or not attribute:
+        raise ValueError(
+            f"unknown reward {spec!r}: expected one of {sorted(REWARD_FUNCTIONS)} or a dotted path like "
+            "'my_package.rewards:my_reward'"
+        )
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import reward {spec!r}: {err}") from err
+    if isinstance(found, type):
+        found = found(**kwargs)
+    if not callable(found):
+        raise ValueError(f"reward {spec!r} is a {type(found).__name__}, not a callable")
+    return found
+
+
+def reward_name(function) -> str:
+    name = getattr(function, "name", None) or getattr(function, "__name__", type(function).__name__)
+    return "custom (lambda)" if name == "<lambda>" else name
+
+
+class WeightedSum:
+    """`sum_k weight_k * reward_k(images, prompts, metadata)`; each component's scores are returned in the metadata
+    (`metadata["components"][name]`, a `(B,)` tensor) for logging.
+
+    Example:
+        ```python
+        from tdpo_trl.rewards import WeightedSum, jpeg_compressibility, jpeg_incompressibility
+
+        reward = WeightedSum({"small": (jpeg_compressibility, 1.0), "detailed": (jpeg_incompressibility, 0.5)})
+        ```
+    """
+
+    def __init__(self, components: dict[str, tuple[Callable, float]]):
+        if not components:
+            raise ValueError("WeightedSum needs at least one (reward, weight) component")
+        for name, value in components.items():
+            if not (isinstance(value, tuple) and len(value) == 2 and callable(value[0])):
+                raise ValueError(f"component {name!r} must be a (reward_function, weight) pair, got {value!r}")
+        self.components = components
+        self.reward_names = [f"{w:g} x {name}" for name, (_, w) in components.items()]
+
+    def __call__(self, images, prompts=None, metadata=None):
+        total, scores = 0.0, {}
+        for name, (function, weight) in self.components.items():
+            rewards, _ = function(images, prompts, metadata)
+            scores[name] = torch.as_tensor(rewards, dtype=torch.float32, device=images.device)
+            total = total + weight * scores[name]
+        return total, {"components": scores}
+
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "AestheticScore",
+    "CLIPScore",
+    "CLIPTextImageScore",
+    "HPSv2",
+    "ImageRewardScore",
+    "PickScore",
+    "WeightedSum",
+    "get_reward_function",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "reward_name",
+]

@@ -1,0 +1,169 @@
+"""Reward functions on tiny randomly-initialized models of the real classes; downloads are intercepted."""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import CLIPVisionModelWithProjection
+
+import tdpo_trl.rewards as rewards
+from tdpo_trl import ValueHead
+from tdpo_trl.rewards import (
+    AestheticScore,
+    CLIPScore,
+    PickScore,
+    WeightedSum,
+    get_reward_function,
+    jpeg_compressibility,
+    jpeg_incompressibility,
+)
+from tdpo_trl.tiny_models import mean_brightness, tiny_clip_model, tiny_clip_vision_model
+
+
+def random_images(n=5, size=24, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_jpeg_rewards_on_real_images():
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    stripes = torch.zeros(1, 3, 64, 64)
+    stripes[..., ::2] = 1.0
+    noise = random_images(1, 64)
+    images = torch.cat([flat, stripes, noise])
+    small, _ = jpeg_compressibility(images)
+    large, _ = jpeg_incompressibility(images)
+    assert small.shape == (3,) and small.dtype == torch.float32
+    assert torch.equal(large, -small)
+    assert small[0] > small[1] > small[2], "flat < stripes < noise in JPEG size"
+    assert 0 < large[0] < 2 and large[2] > 5  # kB: a flat 64x64 image compresses to well under 2 kB
+
+
+@pytest.fixture
+def aesthetic_files(tmp_path, tiny_clip_path, monkeypatch):
+    """A seeded head saved as the LAION checkpoint is (`layers.<i>.weight`), served by an intercepted download."""
+    torch.manual_seed(3)
+    head = ValueHead(16, (1024, 128, 64, 16), (0.2, 0.2, 0.1, 0.0))
+    torch.nn.init.normal_(head[7].weight, std=1.0)  # spread the scores
+    path = tmp_path / "aesthetic-model.pth"
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, path)
+    requested = []
+
+    def download(repo_id, filename, **kwargs):
+        requested.append((repo_id, filename))
+        return str(path)
+
+    monkeypatch.setattr(rewards, "hf_hub_download", download)
+    return head, requested
+
+
+def test_aesthetic_score_on_a_tiny_clip(aesthetic_files, tiny_clip_path):
+    head, requested = aesthetic_files
+    reward = AestheticScore(clip_model=tiny_clip_path, batch_size=2)
+    images = random_images()
+    scores, metadata = reward(images, ["a cat"] * 5, [{}] * 5)
+    assert requested == [("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")]
+    assert scores.shape == (5,) and scores.dtype == torch.float32 and metadata == {}
+    # the same as CLIP features through the saved head, whatever the chunking
+    expected = head.eval()(reward.features(images))
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(AestheticScore(clip_model=tiny_clip_path, batch_size=5)(images)[0], scores)
+    assert torch.equal(reward(images)[0], scores), "not deterministic"
+    changed = images.clone()
+    changed[0] = 1 - changed[0]
+    assert reward(changed)[0][0] != scores[0] and torch.equal(reward(changed)[0][1:], scores[1:])
+
+
+def test_aesthetic_loader_asks_for_the_configured_names(aesthetic_files, monkeypatch):
+    _, requested = aesthetic_files
+    clip_names = []
+
+    def from_pretrained(name, **kwargs):
+        clip_names.append(name)
+        return tiny_clip_vision_model()
+
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "from_pretrained", from_pretrained)
+    AestheticScore()(random_images(2))
+    AestheticScore(clip_model="me/clip", head_repo="me/head", head_filename="h.pth")(random_images(2))
+    assert clip_names == ["openai/clip-vit-large-patch14", "me/clip"]
+    assert requested == [("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"), ("me/head", "h.pth")]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-clip-model")
+    model, tokenizer = tiny_clip_model(seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("reward_class", [PickScore, CLIPScore])
+def test_text_image_rewards_on_a_tiny_clip(reward_class, tiny_clip_folder):
+    kwargs = {"tokenizer": tiny_clip_folder} if reward_class is PickScore else {}
+    reward = reward_class(model=tiny_clip_folder, batch_size=2, **kwargs)
+    images = random_images(4)
+    prompts = ["a cat", "a dog", "a cat", "a red car"]
+    scores, _ = reward(images, prompts)
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+    torch.testing.assert_close(
+        reward_class(model=tiny_clip_folder, batch_size=4, **kwargs)(images, prompts)[0], scores
+    )
+    # the score depends on the prompt and on the image
+    assert reward(images[:1], ["a cat"])[0] != reward(images[:1], ["a red car"])[0]
+    assert reward(images[1:2], ["a cat"])[0] != reward(images[:1], ["a cat"])[0]
+    # the scale: the model's logit scale (PickScore) or 100 (CLIP score), times a cosine
+    scale = reward.model.logit_scale.exp().item() if reward_class is PickScore else 100.0
+    assert scores.abs().max() <= scale + 1e-4
+
+
+def test_registry_and_dotted_paths():
+    assert get_reward_function("jpeg_compressibility") is jpeg_compressibility
+    assert isinstance(get_reward_function("aesthetic"), AestheticScore)  # built lazily: no download yet
+    assert isinstance(get_reward_function("pickscore", batch_size=4), PickScore)
+    assert get_reward_function("tdpo_trl.tiny_models:mean_brightness") is mean_brightness
+    assert get_reward_function("tdpo_trl.tiny_models.mean_brightness") is mean_brightness
+    assert isinstance(get_reward_function("tdpo_trl.rewards:CLIPScore", batch_size=3), CLIPScore)
+    with pytest.raises(ValueError, match=r"unknown reward 'aesthetics': expected one of \['aesthetic'"):
+        get_reward_function("aesthetics")
+    with pytest.raises(ValueError, match="cannot import reward 'tdpo_trl.tiny_models:nothing'"):
+        get_reward_function("tdpo_trl.tiny_models:nothing")
+    with pytest.raises(ValueError, match="is a int, not a callable"):
+        get_reward_function("tdpo_trl.tiny_models:TINY_PROMPT_LENGTH")
+
+
+@pytest.mark.parametrize("name, package", [("hpsv2", "open_clip_torch"), ("imagereward", "image-reward")])
+def test_optional_packages_are_named_in_the_error(name, package):
+    module = {"hpsv2": "open_clip", "imagereward": "ImageReward"}[name]
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed")
+    with pytest.raises(ImportError, match=f"pip install {package}"):
+        get_reward_function(name)(random_images(1), ["a cat"])
+
+
+def test_weighted_sum_reports_components():
+    reward = WeightedSum({"small": (jpeg_compressibility, 1.0), "bright": (mean_brightness, 2.0)})
+    images = random_images(3)
+    total, metadata = reward(images, ["a"] * 3, [{}] * 3)
+    small, _ = jpeg_compressibility(images)
+    bright, _ = mean_brightness(images)
+    torch.testing.assert_close(total, small + 2.0 * bright)
+    torch.testing.assert_close(metadata["components"]["bright"], bright)
+    assert reward.reward_names == ["1 x small", "2 x bright"]
+    with pytest.raises(ValueError, match="must be a \\(reward_function, weight\\) pair"):
+        WeightedSum({"x": mean_brightness})
+
+
+def test_trainer_logs_each_component_of_a_weighted_sum(tmp_path, tiny_pipeline):
+    from conftest import cat_prompt, tiny_config
+
+    from tdpo_trl import TDPOTrainer
+    from tdpo_trl.tiny_models import left_minus_right_brightness
+
+    reward = WeightedSum({"bright": (mean_brightness, 1.0), "left": (left_minus_right_brightness, 3.0)})
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), reward, cat_prompt, tiny_pipeline)
+    trainer.train()
+    record = trainer.log_history[-1]
+    expected = record["reward/bright/mean"] + 3.0 * record["reward/left/mean"]
+    assert record["reward/mean"] == pytest.approx(expected, rel=1e-5)
+    assert record["reward/left/std"] > 0
+    assert trainer.reward_names() == ["1 x bright", "3 x left"]

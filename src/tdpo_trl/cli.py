@@ -1,0 +1,105 @@
+"""The `tdpo-trl` command.
+
+    tdpo-trl evaluate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --runs tdpo=outputs/tdpo ddpo=outputs/ddpo \\
+        --target_reward aesthetic --eval_rewards pickscore imagereward hpsv2 --output_dir eval
+"""
+
+import argparse
+import sys
+from typing import Optional
+
+
+def _parse_runs(values: list[str]) -> dict[str, str]:
+    runs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = value.rstrip("/").split("/")[-1], value
+        if not name or not path:
+            raise SystemExit(f"--runs: expected NAME=PATH or PATH, got {value!r}")
+        runs[name] = path
+    return runs
+
+
+def evaluate_command(args) -> dict:
+    import torch
+
+    from .evaluation import evaluate_checkpoints, plot_cross_reward
+    from .prompts import get_prompt_function
+    from .rewards import get_reward_function
+
+    torch.manual_seed(args.seed)
+    if args.base == "tiny":
+        from .tiny_models import tiny_stable_diffusion
+
+        pipeline = tiny_stable_diffusion(seed=0)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        pipeline = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype)
+        pipeline.safety_checker = None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline.to(device)
+    prompt_fn = get_prompt_function(args.prompts, seed=args.seed, template=args.prompt_template)
+    prompts = [prompt_fn()[0] for _ in range(args.num_prompts)]
+    eval_rewards = {spec.split(":")[-1].split(".")[-1]: get_reward_function(spec) for spec in args.eval_rewards}
+    results = evaluate_checkpoints(
+        pipeline,
+        _parse_runs(args.runs),
+        get_reward_function(args.target_reward),
+        eval_rewards,
+        prompts,
+        seed=args.seed,
+        num_inference_steps=args.num_steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+        output_dir=args.output_dir,
+    )
+    figure_path = f"{args.output_dir}/cross_reward.png"
+    figure = plot_cross_reward(results, list(eval_rewards), figure_path, target_name=args.target_reward)
+    names = ["target", *eval_rewards]
+    print(f"\n{'run':<12} {'checkpoint':<16} " + " ".join(f"{n[:14]:>14}" for n in names))
+    for run, records in results.items():
+        for record in records:
+            print(f"{run:<12} {record['checkpoint']:<16} " + " ".join(f"{record[n]:>14.4f}" for n in names))
+    print(f"\nfigure: {figure_path}\nscores: {args.output_dir}/cross_reward.json\ngrids:  {args.output_dir}/grids/")
+    return {"results": results, "figure": figure}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdpo-trl", description="TDPO-R for text-to-image diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score saved checkpoints with a target and out-of-domain rewards; draw the cross-reward figure",
+    )
+    evaluate.add_argument("--base", required=True, help="base Stable Diffusion id or folder, or 'tiny'")
+    evaluate.add_argument(
+        "--runs", nargs="+", required=True, help="NAME=PATH per run: a run folder (its checkpoints/) or a saved folder"
+    )
+    evaluate.add_argument("--target_reward", required=True, help="reward name or dotted path the runs trained on")
+    evaluate.add_argument("--eval_rewards", nargs="+", required=True, help="out-of-domain reward names or paths")
+    evaluate.add_argument("--prompts", default="simple_animals", help="built-in set, text file or dataset:<id>")
+    evaluate.add_argument("--prompt_template", default="{}", help="e.g. 'a photo of a {}'")
+    evaluate.add_argument("--num_prompts", type=int, default=16)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--num_steps", type=int, default=20)
+    evaluate.add_argument("--guidance_scale", type=float, default=5.0)
+    evaluate.add_argument("--eta", type=float, default=1.0)
+    evaluate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--output_dir", default="outputs/evaluate")
+    evaluate.set_defaults(handler=evaluate_command)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "num_prompts", 1) < 1:
+        raise SystemExit(f"--num_prompts must be >= 1, got {args.num_prompts}")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,162 @@
+"""Cross-reward (over-optimization) evaluation: score the same images with the target and out-of-domain rewards.
+
+Over-optimization shows as out-of-domain rewards flattening or falling while the target reward rises (TDPO-R paper,
+Figs. 1 and 5). `evaluate_checkpoints` scores saved checkpoints on a fixed, seeded prompt set; `plot_cross_reward`
+draws target reward (x) against each out-of-domain reward (y), one point per checkpoint and one line per run.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpointing import list_checkpoints
+from .pipeline import LORA_WEIGHT_NAME
+
+
+@torch.no_grad()
+def score_images(reward_functions: dict[str, Callable], images, prompts, metadata=None) -> dict[str, torch.Tensor]:
+    """`{name: (B,) float32 scores}` of `images` under every reward function."""
+    metadata = metadata if metadata is not None else [{}] * len(images)
+    scores = {}
+    for name, function in reward_functions.items():
+        values, _ = function(images, prompts, metadata)
+        scores[name] = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
+    return scores
+
+
+@torch.no_grad()
+def sample_images(pipeline, prompts: list[str], *, seed: int, num_inference_steps: int, guidance_scale: float,
+                  eta: float, batch_size: int = 8) -> torch.Tensor:  # fmt: skip
+    """Images `(N, 3, H, W)` in [0, 1] from a diffusers pipeline, seeded; the global RNG is left as it was."""
+    device = pipeline.device
+    devices = [device] if device.type == "cuda" else []
+    images = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # DDIM noise with eta > 0 is drawn from the global RNG inside the fork
+        generator = torch.Generator(device).manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            output = pipeline(
+                prompts[i : i + batch_size],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                generator=generator,
+                output_type="pt",
+            )
+            images.append(output.images.float().cpu())
+    return torch.cat(images)
+
+
+def checkpoints_of(path: str) -> list[str]:
+    """A run folder's checkpoints (oldest first), or the folder itself if it holds saved weights."""
+    path = os.fspath(path)
+    for folder in (os.path.join(path, "checkpoints"), path):
+        found = list_checkpoints(folder)
+        if found:
+            return found
+    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)) or os.path.isdir(os.path.join(path, "unet")):
+        return [path]
+    raise ValueError(f"{path!r} holds no checkpoint_<i> folder, no {LORA_WEIGHT_NAME} and no unet/ folder")
+
+
+def _load_into(pipeline, checkpoint: str, base_unet):
+    """Put a checkpoint's weights into `pipeline`: its LoRA, or its full UNet."""
+    if os.path.isfile(os.path.join(checkpoint, LORA_WEIGHT_NAME)):
+        pipeline.unet = base_unet
+        pipeline.load_lora_weights(checkpoint, weight_name=LORA_WEIGHT_NAME)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+        pipeline.unet = unet.to(device=pipeline.device, dtype=base_unet.dtype)
+
+
+def evaluate_checkpoints(
+    pipeline,
+    runs: dict[str, str],
+    target_reward: Callable,
+    eval_rewards: dict[str, Callable],
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 5.0,
+    eta: float = 1.0,
+    output_dir: Optional[str] = None,
+    include_base: bool = True,
+) -> dict[str, list[dict]]:
+    """Score every checkpoint of every run on the same seeded prompts: `{run: [{"checkpoint", "target", name: mean,
+    ...}, ...]}`. With `output_dir`, also writes `cross_reward.json` and an image grid per checkpoint in `grids/`."""
+    rewards = {"target": target_reward, **eval_rewards}
+    base_unet = pipeline.unet
+    pipeline.set_progress_bar_config(disable=True)
+    results: dict[str, list[dict]] = {}
+    for run, path in runs.items():
+        checkpoints = (["base"] if include_base else []) + checkpoints_of(path)
+        results[run] = []
+        for checkpoint in tqdm(checkpoints, desc=f"evaluate {run}", unit="checkpoint"):
+            if checkpoint == "base":
+                pipeline.unet = base_unet
+            else:
+                _load_into(pipeline, checkpoint, base_unet)
+            images = sample_images(
+                pipeline, prompts, seed=seed, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, eta=eta,
+            )  # fmt: skip
+            if checkpoint != "base" and getattr(pipeline.unet, "peft_config", None):
+                pipeline.unload_lora_weights()
+            scores = score_images(rewards, images, prompts)
+            name = os.path.basename(os.path.normpath(checkpoint))
+            record = {"checkpoint": name, **{k: v.mean().item() for k, v in scores.items()}}
+            record.update({f"{k}/std": v.std(unbiased=False).item() for k, v in scores.items()})
+            results[run].append(record)
+            if output_dir:
+                save_image_grid(images, os.path.join(output_dir, "grids", f"{run}_{name}.png"))
+    pipeline.unet = base_unet
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "cross_reward.json"), "w") as f:
+            json.dump({"prompts": prompts, "seed": seed, "runs": results}, f, indent=2)
+    return results
+
+
+def save_image_grid(images: torch.Tensor, path: str, columns: Optional[int] = None):
+    """`(N, 3, H, W)` in [0, 1] as one PNG grid."""
+    from PIL import Image
+
+    n, _, height, width = images.shape
+    columns = columns or min(n, 8)
+    rows = (n + columns - 1) // columns
+    grid = torch.ones(3, rows * (height + 2), columns * (width + 2))
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * (height + 2) : r * (height + 2) + height, c * (width + 2) : c * (width + 2) + width] = image
+    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def plot_cross_reward(results: dict[str, list[dict]], eval_names: list[str], path: str, target_name: str = "target"):
+    """Target reward (x) against each out-of-domain reward (y); one line per run, one point per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(eval_names), figsize=(4.2 * len(eval_names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], eval_names):
+        for run, records in results.items():
+            ax.plot([r["target"] for r in records], [r[name] for r in records], marker="o", label=run)
+            ax.annotate(records[-1]["checkpoint"], (records[-1]["target"], records[-1][name]), fontsize=7)
+        ax.set_xlabel(f"{target_name} (target)")
+        ax.set_ylabel(f"{name} (out-of-domain)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return figure

@@ -1,0 +1,132 @@
+"""Prompt functions: `prompt_fn() -> (prompt, metadata)`, drawn from built-in sets, text files or `datasets`.
+
+Sampling uses its own seeded `random.Random`, so a prompt stream is reproducible and independent of the global RNG.
+Streaming datasets (millions of prompts) are read through a shuffle buffer and never loaded whole.
+"""
+
+import os
+import random
+from collections.abc import Iterator
+from importlib import resources
+from typing import Optional
+
+
+BUILTIN_PROMPT_SETS = ("simple_animals",)  # files in tdpo_trl/prompt_sets/
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"the prompt file {path!r} holds no prompt (empty lines and # comments are skipped)")
+    return prompts
+
+
+class PromptSource:
+    """A seeded prompt function over a fixed list of prompts.
+
+    Args:
+        prompts: the prompts (or subjects filled into `template`).
+        template: a format string with one `{}`, e.g. `"a photo of a {}"`; `"{}"` uses prompts as they are.
+        seed: seed of this source's own random stream.
+    """
+
+    def __init__(self, prompts: list[str], template: str = "{}", seed: int = 0):
+        if not prompts:
+            raise ValueError("a PromptSource needs at least one prompt")
+        if template.count("{}") != 1:
+            raise ValueError(f"`template` must contain exactly one '{{}}', got {template!r}")
+        self.prompts, self.template, self.rng = list(prompts), template, random.Random(seed)
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs) -> "PromptSource":
+        """A built-in set (`BUILTIN_PROMPT_SETS`), e.g. `"simple_animals"`: the 45 animals of DDPO and TDPO-R."""
+        if name not in BUILTIN_PROMPT_SETS:
+            raise ValueError(f"unknown built-in prompt set {name!r}; expected one of {BUILTIN_PROMPT_SETS}")
+        path = resources.files("tdpo_trl").joinpath("prompt_sets", f"{name}.txt")
+        return cls(_read_lines(str(path)), **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs) -> "PromptSource":
+        """One prompt per line; empty lines and lines starting with `#` are skipped."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"prompt file {path!r} does not exist")
+        return cls(_read_lines(path), **kwargs)
+
+    def sample(self, n: int) -> list[str]:
+        return [self()[0] for _ in range(n)]
+
+    def __call__(self) -> tuple[str, dict]:
+        return self.template.format(self.rng.choice(self.prompts)), {}
+
+
+class DatasetPromptSource:
+    """Prompts from a `datasets` dataset column, local or on the Hub; `streaming=True` for sets too large to load.
+
+    Non-streaming datasets are sampled uniformly with the seeded RNG. Streaming ones are shuffled through a buffer
+    of `buffer_size` rows (seeded) and cycled, a new shuffle per pass. Extra keyword arguments go to
+    `datasets.load_dataset` (e.g. `data_files=`); `dataset=` takes an already loaded one.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        column: str = "prompt",
+        *,
+        split: str = "train",
+        name: Optional[str] = None,
+        streaming: bool = False,
+        buffer_size: int = 10_000,
+        template: str = "{}",
+        seed: int = 0,
+        dataset=None,
+        **load_kwargs,
+    ):
+        if template.count("{}") != 1:
+            raise ValueError(f"`template` must contain exactly one '{{}}', got {template!r}")
+        if dataset is None:
+            import datasets
+
+            dataset = datasets.load_dataset(path, name, split=split, streaming=streaming, **load_kwargs)
+        features = getattr(dataset, "column_names", None) or list(getattr(dataset, "features", None) or [])
+        if features and column not in features:
+            raise ValueError(f"the dataset {path!r} has no column {column!r}; its columns are {features}")
+        self.dataset, self.column, self.template, self.seed = dataset, column, template, seed
+        self.streaming, self.buffer_size = streaming, buffer_size
+        self.rng = random.Random(seed)
+        self._epoch, self._iterator = 0, None
+        if not streaming and len(dataset) == 0:
+            raise ValueError(f"the dataset {path!r} (split {split!r}) is empty")
+
+    def _next_streamed(self) -> str:
+        for _ in range(2):  # a pass that ends restarts once; a second empty pass means an empty dataset
+            if self._iterator is None:
+                shuffled = self.dataset.shuffle(seed=self.seed + self._epoch, buffer_size=self.buffer_size)
+                self._iterator: Iterator = iter(shuffled)
+                self._epoch += 1
+            try:
+                return next(self._iterator)[self.column]
+            except StopIteration:
+                self._iterator = None
+        raise ValueError("the streamed prompt dataset yields no rows")
+
+    def __call__(self) -> tuple[str, dict]:
+        if self.streaming:
+            prompt = self._next_streamed()
+        else:
+            prompt = self.dataset[self.rng.randrange(len(self.dataset))][self.column]
+        return self.template.format(prompt), {}
+
+
+def get_prompt_function(spec: str, *, template: str = "{}", seed: int = 0, column: str = "prompt", **kwargs):
+    """A built-in set name, a text file, or a dataset given as `"dataset:<path or Hub id>"`."""
+    if spec in BUILTIN_PROMPT_SETS:
+        return PromptSource.from_name(spec, template=template, seed=seed)
+    if spec.startswith("dataset:"):
+        return DatasetPromptSource(spec[len("dataset:") :], column, template=template, seed=seed, **kwargs)
+    if os.path.isfile(spec):
+        return PromptSource.from_file(spec, template=template, seed=seed)
+    raise ValueError(
+        f"prompts {spec!r}: not a built-in set {BUILTIN_PROMPT_SETS}, not an existing file, and not 'dataset:<id>'"
+    )

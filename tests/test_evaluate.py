@@ -1,0 +1,83 @@
+"""`tdpo-trl evaluate` end to end on the tiny pipeline: scores, the cross-reward figure and image grids."""
+
+import json
+
+import pytest
+import torch
+from conftest import cat_prompt, tiny_config
+
+from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, cli
+from tdpo_trl.evaluation import sample_images, score_images
+from tdpo_trl.rewards import jpeg_compressibility
+from tdpo_trl.tiny_models import left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("eval-run")
+    config = tiny_config(tmp_path, num_epochs=2, save_freq=1, train_learning_rate=3e-2)
+    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0))
+    TDPOTrainer(config, left_minus_right_brightness, cat_prompt, pipeline).train()
+    return tmp_path / "logs" / "test"
+
+
+def test_evaluate_command_scores_checkpoints_and_plots_them(run_folder, tmp_path):
+    out = tmp_path / "eval"
+    argv = [
+        "evaluate", "--base", "tiny", "--runs", f"tdpo={run_folder}",
+        "--target_reward", "tdpo_trl.tiny_models:left_minus_right_brightness",
+        "--eval_rewards", "jpeg_compressibility", "tdpo_trl.tiny_models.mean_brightness",
+        "--num_prompts", "3", "--num_steps", "4", "--output_dir", str(out),
+    ]  # fmt: skip
+    result = cli.main(argv)
+    records = result["results"]["tdpo"]
+    assert [r["checkpoint"] for r in records] == ["base", "checkpoint_0", "checkpoint_1"]
+    assert (out / "cross_reward.png").stat().st_size > 0
+    for name in ("base", "checkpoint_0", "checkpoint_1"):
+        assert (out / "grids" / f"tdpo_{name}.png").exists()
+    saved = json.loads((out / "cross_reward.json").read_text())
+    assert saved["runs"]["tdpo"] == records and len(saved["prompts"]) == 3
+
+    # the plotted points are the scores
+    axes = result["figure"].axes
+    assert [ax.get_ylabel() for ax in axes] == [
+        "jpeg_compressibility (out-of-domain)",
+        "mean_brightness (out-of-domain)",
+    ]
+    for ax, name in zip(axes, ["jpeg_compressibility", "mean_brightness"]):
+        (line,) = ax.get_lines()
+        assert line.get_xdata().tolist() == [r["target"] for r in records]
+        assert line.get_ydata().tolist() == [r[name] for r in records]
+
+    # and the scores are what the checkpoint's LoRA makes: recomputed independently for the last checkpoint
+    pipeline = tiny_stable_diffusion(seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(str(run_folder / "checkpoints" / "checkpoint_1"))
+    images = sample_images(pipeline, saved["prompts"], seed=0, num_inference_steps=4, guidance_scale=5.0, eta=1.0)
+    scores = score_images(
+        {"target": left_minus_right_brightness, "jpeg": jpeg_compressibility, "bright": mean_brightness},
+        images,
+        saved["prompts"],
+    )
+    assert scores["target"].mean().item() == pytest.approx(records[-1]["target"], abs=1e-6)
+    assert scores["bright"].mean().item() == pytest.approx(records[-1]["mean_brightness"], abs=1e-6)
+    assert records[0]["target"] != records[-1]["target"], "training changed nothing: the figure would be flat"
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
+    pipeline = tiny_stable_diffusion(seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    state = torch.random.get_rng_state()
+    a = sample_images(pipeline, ["a cat", "a dog"], seed=3, num_inference_steps=4, guidance_scale=5.0, eta=1.0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = sample_images(pipeline, ["a cat", "a dog"], seed=3, num_inference_steps=4, guidance_scale=5.0, eta=1.0)
+    assert torch.equal(a, b)
+
+
+def test_bad_run_folder(tmp_path):
+    argv = [
+        "evaluate", "--base", "tiny", "--runs", f"x={tmp_path}", "--target_reward", "jpeg_compressibility",
+        "--eval_rewards", "jpeg_incompressibility", "--num_steps", "2", "--output_dir", str(tmp_path / "o"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="holds no checkpoint_<i> folder"):
+        cli.main(argv)

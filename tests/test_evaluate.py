@@ -81,3 +81,33 @@ def test_bad_run_folder(tmp_path):
     ]  # fmt: skip
     with pytest.raises(ValueError, match="holds no checkpoint_<i> folder"):
         cli.main(argv)
+
+
+def test_trainer_scores_training_samples_and_a_heldout_set(tmp_path, tiny_pipeline):
+    config = tiny_config(
+        tmp_path,
+        num_epochs=2,
+        eval_reward_functions=["jpeg_compressibility", "tdpo_trl.tiny_models:mean_brightness"],
+        eval_freq=2,
+        eval_num_prompts=3,
+        eval_seed=5,
+    )
+    trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, tiny_pipeline)
+    trainer.train()
+    first, second = trainer.log_history
+    for record in (first, second):
+        assert {"eval/jpeg_compressibility/mean", "eval/mean_brightness/std"} <= record.keys()
+    assert "heldout/target/mean" not in first  # every 2 epochs
+    assert {
+        "heldout/target/mean",
+        "heldout/jpeg_compressibility/mean",
+        "heldout/mean_brightness/mean",
+    } <= second.keys()
+    assert (tmp_path / "logs" / "test" / "heldout" / "epoch_1.png").exists()
+
+    # the held-out numbers are the seeded samples of the trained model on the fixed prompts
+    state = torch.random.get_rng_state()
+    again = trainer.evaluate_heldout()
+    assert again["heldout/target/mean"] == second["heldout/target/mean"]
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert len(trainer._heldout_prompts) == 3

@@ -26,7 +26,7 @@ def evaluate_command(args) -> dict:
 
     from .evaluation import evaluate_checkpoints, plot_cross_reward
     from .prompts import get_prompt_function
-    from .rewards import get_reward_function
+    from .rewards import get_reward_function, short_name
 
     torch.manual_seed(args.seed)
     if args.base == "tiny":
@@ -43,7 +43,7 @@ def evaluate_command(args) -> dict:
     pipeline.to(device)
     prompt_fn = get_prompt_function(args.prompts, seed=args.seed, template=args.prompt_template)
     prompts = [prompt_fn()[0] for _ in range(args.num_prompts)]
-    eval_rewards = {spec.split(":")[-1].split(".")[-1]: get_reward_function(spec) for spec in args.eval_rewards}
+    eval_rewards = {short_name(spec): get_reward_function(spec) for spec in args.eval_rewards}
     results = evaluate_checkpoints(
         pipeline,
         _parse_runs(args.runs),

@@ -262,6 +262,11 @@ def get_reward_function(spec: str, **kwargs) -> Callable:
     return found
 
 
+def short_name(spec: str) -> str:
+    """The metric name of a reward spec: `"aesthetic"` -> `aesthetic`, `"pkg.mod:fn"` -> `fn`."""
+    return spec.split(":")[-1].split(".")[-1]
+
+
 def reward_name(function) -> str:
     name = getattr(function, "name", None) or getattr(function, "__name__", type(function).__name__)
     return "custom (lambda)" if name == "<lambda>" else name

@@ -109,6 +109,21 @@ class TDPOConfig(DDPOConfig):
         normalize_temporal_advantages (`bool`, *optional*, defaults to `True`):
             Normalize the temporal advantages over all (sample, step) entries of an epoch, across processes.
 
+        > Parameters that control cross-reward (over-optimization) evaluation
+
+        eval_reward_functions (`list[str]`, *optional*, defaults to `[]`):
+            Out-of-domain rewards (names in `tdpo_trl.rewards.REWARD_FUNCTIONS` or dotted paths). Every epoch they
+            score the training samples, logged as `eval/<name>/mean` and `eval/<name>/std`, as the paper does.
+        eval_freq (`int`, *optional*, defaults to `0`):
+            Every `eval_freq` epochs, sample a fixed, seeded held-out prompt set and score it with the target and the
+            eval rewards (`heldout/<name>/mean`); an image grid goes to `<project_dir>/heldout/`. `0` turns it off.
+        eval_prompts (`str`, *optional*, defaults to `"simple_animals"`):
+            The held-out prompts: a built-in set, a text file, or `dataset:<id>` (see `tdpo_trl.prompts`).
+        eval_num_prompts (`int`, *optional*, defaults to `8`):
+            How many held-out prompts (drawn once, with `eval_seed`).
+        eval_seed (`int`, *optional*, defaults to `0`):
+            Seed of the held-out prompts and of their sampling noise; the training RNG is not touched.
+
         > Parameters that control the critic's neuron reset (the "R" of TDPO-R)
 
         neuron_reset (`bool` or `None`, *optional*, defaults to `None`):
@@ -214,6 +229,19 @@ class TDPOConfig(DDPOConfig):
         metadata={"help": "Normalize temporal advantages over all (sample, step) entries, across processes."},
     )
 
+    eval_reward_functions: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Out-of-domain rewards (names or dotted paths) that score every epoch's training samples."},
+    )
+    eval_freq: int = field(
+        default=0, metadata={"help": "Score a fixed held-out prompt set every N epochs; 0 turns it off."}
+    )
+    eval_prompts: str = field(
+        default="simple_animals", metadata={"help": "Held-out prompts: a built-in set, a text file or dataset:<id>."}
+    )
+    eval_num_prompts: int = field(default=8, metadata={"help": "Number of held-out prompts."})
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the held-out prompts and their sampling noise."})
+
     neuron_reset: Optional[bool] = field(
         default=None,
         metadata={
@@ -269,6 +297,7 @@ class TDPOConfig(DDPOConfig):
             "critic_encode_batch_size",
             "neuron_reset_frequency",
             "lora_rank",
+            "eval_num_prompts",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -320,6 +349,8 @@ class TDPOConfig(DDPOConfig):
             raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
         if not self.critic_encoder:
             raise ValueError("`critic_encoder` must be 'latents' or a CLIP vision checkpoint id or path, got ''")
+        if self.eval_freq < 0:
+            raise ValueError(f"`eval_freq` must be >= 0 (0 turns held-out evaluation off), got {self.eval_freq}")
         if not self.lora_alpha > 0:
             raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -25,11 +25,13 @@ from trl.trainer.utils import PerPromptStatTracker
 from . import saving
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
 from .checkpointing import StatTrackerState, TrainingProgress, list_checkpoints, resolve_checkpoint, save_checkpoint
+from .evaluation import sample_images, save_image_grid, score_images
 from .hub import check_repo_id, push_folder
 from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
-from .rewards import reward_name
+from .prompts import get_prompt_function
+from .rewards import get_reward_function, reward_name, short_name
 from .tdpo_config import TDPOConfig
 from .trainer_callback import TDPOCallback, call_event, check_callbacks
 
@@ -68,6 +70,8 @@ class TDPOTrainer(DDPOTrainer):
         critic ([`TimestepCritic`], *optional*): a critic to use instead of the one `config.critic_encoder` names.
         callbacks (`list[TDPOCallback]`, *optional*): called at the events listed in [`TDPOCallback`]. An
             [`ActiveNeuronResetCallback`] is added when `config.neuron_reset` is on and none is given.
+        eval_reward_functions (`dict[str, Callable]`, *optional*): out-of-domain rewards by metric name; default: the
+            ones `config.eval_reward_functions` names.
 
     Example:
         ```python
@@ -95,6 +99,7 @@ class TDPOTrainer(DDPOTrainer):
         image_samples_hook: Optional[Callable[[Any, Any, Any], Any]] = None,
         critic: Optional[TimestepCritic] = None,
         callbacks: Optional[list[TDPOCallback]] = None,
+        eval_reward_functions: Optional[dict[str, Callable]] = None,
     ):
         # DDPOTrainer.__init__ is not called: it forwards the un-wrapped UNet (no gradient all-reduce across
         # processes), checkpoints on rank 0 only (deadlock), needs `project_kwargs` to save and validates after
@@ -113,6 +118,10 @@ class TDPOTrainer(DDPOTrainer):
         self.progress = TrainingProgress()
         self.log_history: list[dict[str, float]] = self.progress.log_history  # one record per epoch, checkpointed
         self.callbacks = check_callbacks(callbacks)
+        if eval_reward_functions is None:
+            eval_reward_functions = {short_name(s): get_reward_function(s) for s in config.eval_reward_functions}
+        self.eval_reward_functions = dict(eval_reward_functions)
+        self._heldout_prompts: Optional[list[str]] = None
         if config.neuron_reset and not any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks):
             self.callbacks.append(ActiveNeuronResetCallback.from_config(config))
         if any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks) and not config.use_critic:
@@ -341,6 +350,48 @@ class TDPOTrainer(DDPOTrainer):
             stats[f"reward/{name}/std"] = gathered.std(unbiased=False).item()
         return stats
 
+    def _eval_reward_stats(self, prompt_image_data: list) -> dict[str, float]:
+        """`eval/<name>/mean|std`: the out-of-domain rewards of this epoch's training samples, over all processes."""
+        scores = defaultdict(list)
+        for images, prompts, prompt_metadata, *_ in prompt_image_data:
+            for name, values in score_images(self.eval_reward_functions, images, prompts, prompt_metadata).items():
+                scores[name].append(values.to(self.accelerator.device))
+        stats = {}
+        for name, values in scores.items():
+            gathered = self.accelerator.gather(torch.cat(values))
+            stats[f"eval/{name}/mean"] = gathered.mean().item()
+            stats[f"eval/{name}/std"] = gathered.std(unbiased=False).item()
+        return stats
+
+    def evaluate_heldout(self, epoch: Optional[int] = None) -> dict[str, float]:
+        """Sample the fixed, seeded held-out prompts and score them with the target and the eval rewards.
+
+        Returns `heldout/<name>/mean|std` (`target` for the training reward). Seeded on its own: the training RNG is
+        untouched. Every process computes the same numbers; the main one saves an image grid to
+        `<project_dir>/heldout/epoch_<epoch>.png`.
+        """
+        config = self.config
+        if self._heldout_prompts is None:
+            source = get_prompt_function(config.eval_prompts, seed=config.eval_seed)
+            self._heldout_prompts = [source()[0] for _ in range(config.eval_num_prompts)]
+        with self.autocast():
+            images = sample_images(
+                self.sd_pipeline.sd_pipeline,
+                self._heldout_prompts,
+                seed=config.eval_seed,
+                num_inference_steps=config.sample_num_steps,
+                guidance_scale=config.sample_guidance_scale,
+                eta=config.sample_eta,
+                batch_size=config.sample_batch_size,
+            )
+        rewards = {"target": self.reward_fn, **self.eval_reward_functions}
+        scores = score_images(rewards, images.to(self.accelerator.device), self._heldout_prompts)
+        if self.accelerator.is_main_process and epoch is not None:
+            save_image_grid(images, os.path.join(self.accelerator.project_dir, "heldout", f"epoch_{epoch}.png"))
+        stats = {f"heldout/{name}/mean": values.mean().item() for name, values in scores.items()}
+        stats.update({f"heldout/{name}/std": values.std(unbiased=False).item() for name, values in scores.items()})
+        return stats
+
     def _local_rows(self, gathered: torch.Tensor) -> torch.Tensor:
         """This process's rows of a tensor gathered over processes: (N_all, ...) -> (N_all / P, ...)."""
         rows = gathered.reshape(self.accelerator.num_processes, -1, *gathered.shape[1:])
@@ -372,6 +423,7 @@ class TDPOTrainer(DDPOTrainer):
         finite = rewards[np.isfinite(rewards)]
         stats = {"epoch": epoch, "reward/mean": float(finite.mean()), "reward/std": float(finite.std())}
         stats.update(self._reward_component_stats(rewards_metadata))
+        stats.update(self._eval_reward_stats(prompt_image_data))
         stats.update(self._compute_advantages(samples, self._normalized_rewards(rewards, samples["prompt_ids"])))
         del samples["prompt_ids"]
 
@@ -386,6 +438,9 @@ class TDPOTrainer(DDPOTrainer):
         trained = time.perf_counter()
 
         stats.update(self._reduce_info(train_info))
+        if config.eval_freq and (epoch + 1) % config.eval_freq == 0:  # the model as this epoch leaves it
+            stats.update(self.evaluate_heldout(epoch))
+        evaluated = time.perf_counter()
         call_event(
             self.callbacks, "on_epoch_end", self, epoch=epoch, global_step=global_step, samples=samples, metrics=stats
         )
@@ -394,7 +449,8 @@ class TDPOTrainer(DDPOTrainer):
                 "time/sampling_s": sampled - start,
                 "time/reward_s": scored - sampled,
                 "time/training_s": trained - scored,
-                "time/callbacks_s": time.perf_counter() - trained,
+                "time/heldout_s": evaluated - trained,
+                "time/callbacks_s": time.perf_counter() - evaluated,
                 "time/epoch_s": time.perf_counter() - start,
             }
         )

@@ -10,8 +10,8 @@ Usage:
 
     # Stable Diffusion on a GPU, LoRA, the paper's critic (CLIP ViT-L/14 features)
     python examples/tdpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --use_lora \
-        --reward brightness --num_epochs 100 --sample_batch_size 8 --train_batch_size 2 \
-        --train_gradient_accumulation_steps 2 --mixed_precision fp16
+        --reward aesthetic --eval_reward_functions pickscore --num_epochs 100 --sample_batch_size 8 \
+        --train_batch_size 2 --train_gradient_accumulation_steps 2 --mixed_precision fp16
 
     # two processes on one machine (CPU or GPU)
     torchrun --nproc_per_node 2 examples/tdpo.py     # add ACCELERATE_USE_CPU=1 on CPU
@@ -20,13 +20,14 @@ Every `TDPOConfig` field is a flag (`--help` lists them). With `--pretrained_mod
 tiny model (see TINY_DEFAULTS); any flag given on the command line still wins.
 """
 
-import random
 import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
 from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl.prompts import get_prompt_function
+from tdpo_trl.rewards import get_reward_function
 from tdpo_trl.tiny_models import (
     TINY_TRAINING_DEFAULTS,
     left_minus_right_brightness,
@@ -35,8 +36,7 @@ from tdpo_trl.tiny_models import (
 )
 
 
-REWARDS = {"brightness": mean_brightness, "left_minus_right": left_minus_right_brightness}
-ANIMALS = ["cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "frog"]
+TINY_REWARDS = {"brightness": mean_brightness, "left_minus_right": left_minus_right_brightness}
 
 # The tiny model's defaults: the measured TINY_TRAINING_DEFAULTS, full-UNet training, on the reward it can learn.
 TINY_DEFAULTS = dict(
@@ -56,7 +56,18 @@ class ScriptArguments:
         metadata={"help": "A diffusers Stable Diffusion model id or folder, or 'tiny' for the embedded tiny model."},
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
-    reward: str = field(default="brightness", metadata={"help": "Reward function.", "choices": sorted(REWARDS)})
+    reward: str = field(
+        default="brightness",
+        metadata={
+            "help": "Reward: 'brightness' or 'left_minus_right' (tiny-model rewards), a name in tdpo_trl.rewards "
+            "(aesthetic, pickscore, hpsv2, imagereward, clip_score, jpeg_compressibility, ...), or a dotted path."
+        },
+    )
+    prompts: str = field(
+        default="simple_animals",
+        metadata={"help": "Prompts: a built-in set, a text file, or dataset:<id> (see tdpo_trl.prompts)."},
+    )
+    prompt_template: str = field(default="a photo of a {}", metadata={"help": "Format string for each prompt."})
 
 
 def parse_args(argv=None):
@@ -76,8 +87,10 @@ def main(script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
     pipeline = TDPOStableDiffusionPipeline(model, pretrained_model_revision=script_args.pretrained_revision)
     trainer = TDPOTrainer(
         config,
-        reward_function=REWARDS[script_args.reward],
-        prompt_function=lambda: (f"a photo of a {random.choice(ANIMALS)}", {}),
+        reward_function=TINY_REWARDS.get(script_args.reward) or get_reward_function(script_args.reward),
+        prompt_function=get_prompt_function(
+            script_args.prompts, template=script_args.prompt_template, seed=config.seed
+        ),
         sd_pipeline=pipeline,
     )
     trainer.train()

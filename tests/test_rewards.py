@@ -24,7 +24,21 @@ def random_images(n=5, size=24, seed=0):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def test_jpeg_rewards_on_real_images():
+def test_jpeg_rewards_on_real_photos():
+    from sklearn.datasets import load_sample_image
+
+    photos = [
+        torch.from_numpy(load_sample_image(n)[:256, :256].copy()).permute(2, 0, 1).float() / 255
+        for n in ("china.jpg", "flower.jpg")
+    ]
+    photos = torch.stack(photos)  # (2, 3, 256, 256) real photographs
+    blurred = torch.nn.functional.avg_pool2d(photos, 9, stride=1, padding=4)  # the same scenes, detail removed
+    small, _ = jpeg_compressibility(torch.cat([photos, blurred]))
+    assert (small[2:] > small[:2]).all(), "a blurred photo must compress better than the original"
+    assert (-small[:2] > 5).all()  # a 256x256 photo at quality 95 takes well over 5 kB
+
+
+def test_jpeg_rewards_on_constructed_images():
     flat = torch.full((1, 3, 64, 64), 0.5)
     stripes = torch.zeros(1, 3, 64, 64)
     stripes[..., ::2] = 1.0
@@ -116,6 +130,26 @@ def test_text_image_rewards_on_a_tiny_clip(reward_class, tiny_clip_folder):
     assert scores.abs().max() <= scale + 1e-4
 
 
+@pytest.mark.parametrize(
+    "name, model, tokenizer",
+    [
+        ("pickscore", "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+        ("clip_score", "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+    ],
+)
+def test_text_image_loaders_ask_for_the_right_names(name, model, tokenizer, monkeypatch, tiny_clip_folder):
+    from transformers import AutoTokenizer, CLIPModel
+
+    asked = []
+    load_model, load_tokenizer = CLIPModel.from_pretrained, AutoTokenizer.from_pretrained
+    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda n, **kw: asked.append(n) or load_model(tiny_clip_folder))
+    monkeypatch.setattr(
+        AutoTokenizer, "from_pretrained", lambda n, **kw: asked.append(n) or load_tokenizer(tiny_clip_folder)
+    )
+    scores, _ = get_reward_function(name)(random_images(2), ["a cat", "a dog"])
+    assert asked == [model, tokenizer] and scores.shape == (2,)
+
+
 def test_registry_and_dotted_paths():
     assert get_reward_function("jpeg_compressibility") is jpeg_compressibility
     assert isinstance(get_reward_function("aesthetic"), AestheticScore)  # built lazily: no download yet
@@ -167,3 +201,79 @@ def test_trainer_logs_each_component_of_a_weighted_sum(tmp_path, tiny_pipeline):
     assert record["reward/mean"] == pytest.approx(expected, rel=1e-5)
     assert record["reward/left/std"] > 0
     assert trainer.reward_names() == ["1 x bright", "3 x left"]
+
+
+# HPSv2 and ImageReward need packages that cannot be installed here (open_clip needs torchvision, which needs a CUDA
+# build of torch). These tests put stand-ins for the packages in `sys.modules`: they check this library's wiring
+# (download names, checkpoint loading, preprocessing, scoring), not the packages themselves.
+
+
+class TinyOpenCLIP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visual = torch.nn.Linear(3 * 8 * 8, 6)
+        self.visual.image_size = (8, 8)
+        self.text = torch.nn.Embedding(128, 6)
+
+    def encode_image(self, pixels):
+        return self.visual(pixels.flatten(1))
+
+    def encode_text(self, tokens):
+        return self.text(tokens).mean(1)
+
+
+def test_hpsv2_wiring_with_a_stand_in_open_clip(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    torch.manual_seed(0)
+    trained = TinyOpenCLIP()
+    path = tmp_path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    requested, created = [], []
+    monkeypatch.setattr(
+        rewards, "hf_hub_download", lambda repo, name, **kw: requested.append((repo, name)) or str(path)
+    )
+    fake = types.ModuleType("open_clip")
+    fake.create_model_and_transforms = lambda name, pretrained=None: (
+        created.append(name) or TinyOpenCLIP(),
+        None,
+        None,
+    )
+
+    def tokenize(prompts):
+        return torch.tensor([[ord(c) % 128 for c in p[:6].ljust(6)] for p in prompts])
+
+    fake.get_tokenizer = lambda name: tokenize
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+
+    images = random_images(3)
+    prompts = ["a cat", "a dog", "a cat"]
+    scores, _ = get_reward_function("hpsv2", batch_size=2)(images, prompts)
+    assert requested == [("xswu/HPSv2", "HPS_v2_compressed.pt")] and created == ["ViT-H-14"]
+    pixels = torch.nn.functional.interpolate(images, size=(8, 8), mode="bicubic", antialias=True).clamp(0, 1)
+    mean = torch.tensor(rewards._CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(rewards._CLIP_STD).view(1, 3, 1, 1)
+    image = torch.nn.functional.normalize(trained.encode_image((pixels - mean) / std), dim=-1)
+    text = torch.nn.functional.normalize(trained.encode_text(tokenize(prompts)), dim=-1)
+    torch.testing.assert_close(scores, (image * text).sum(-1).detach())
+
+
+def test_imagereward_wiring_with_a_stand_in_package(monkeypatch):
+    import sys
+    import types
+
+    loaded = []
+
+    class Model:
+        def score(self, prompt, image):
+            return len(prompt) + sum(image.getpixel((0, 0))) / 765
+
+    fake = types.ModuleType("ImageReward")
+    fake.load = lambda name, device: loaded.append((name, device)) or Model()
+    monkeypatch.setitem(sys.modules, "ImageReward", fake)
+    images = torch.zeros(2, 3, 8, 8)
+    images[1] = 1.0
+    scores, _ = get_reward_function("imagereward")(images, ["ab", "abc"])
+    assert loaded == [("ImageReward-v1.0", "cpu")]
+    torch.testing.assert_close(scores, torch.tensor([2.0, 4.0]))

@@ -218,13 +218,14 @@ class ImageRewardScore(_LazyModelReward):
 
     def load(self):
         image_reward = _optional("ImageReward", "image-reward")
-        self.model = image_reward.load(self.model_name, device="cpu")
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = image_reward.load(self.model_name, device=device)  # the package keeps its own device
 
     def modules(self):
-        return [self.model]
+        return []
 
     def score(self, images, prompts):
-        return torch.tensor([self.model.score(p, [im])[0] for p, im in zip(prompts, _to_pil(images))])
+        return torch.tensor([float(self.model.score(p, im)) for p, im in zip(prompts, _to_pil(images))])
 
 
 REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {

@@ -35,8 +35,10 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
     launch_two_processes(tmp_path, mode)
 
     for rank in (0, 1):
-        processes, _ = (tmp_path / f"{mode}_rank{rank}.txt").read_text().split()
+        processes, reward, jpeg = (tmp_path / f"{mode}_rank{rank}.txt").read_text().split()
         assert processes == "2", "accelerate did not see 2 processes"
+        assert float(jpeg) < 0  # the eval reward was computed (and gathered: both ranks write the same number)
+    assert (tmp_path / f"{mode}_rank0.txt").read_text() == (tmp_path / f"{mode}_rank1.txt").read_text()
     rank0 = load_file(tmp_path / f"{mode}_rank0.safetensors")
     rank1 = load_file(tmp_path / f"{mode}_rank1.safetensors")
     assert rank0.keys() == rank1.keys()

@@ -36,6 +36,9 @@ def main(out_dir: str, mode: str, epochs: int = 2, run_name: str = "", resume: b
         save_freq=1,  # checkpoint on every rank every epoch: TRL's rank-0-only save_state deadlocks here
         neuron_reset_frequency=1,  # reset the critic's active neurons after every epoch (TDPO mode only)
         neuron_reset_threshold=0.8,  # masks that depend on the data: each rank sees other samples
+        eval_reward_functions=["jpeg_compressibility"],  # gathered over ranks every epoch
+        eval_freq=2,  # held-out sampling after epoch 1: must neither deadlock nor change training
+        eval_num_prompts=2,
         seed=0,
     )
     trainer = TDPOTrainer(
@@ -56,7 +59,10 @@ def main(out_dir: str, mode: str, epochs: int = 2, run_name: str = "", resume: b
     rank = trainer.accelerator.process_index
     save_file(weights, os.path.join(out_dir, f"{run_name}_rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"{run_name}_rank{rank}.txt"), "w") as f:
-        f.write(f"{trainer.accelerator.num_processes} {trainer.log_history[-1]['reward/mean']}\n")
+        record = trainer.log_history[-1]
+        f.write(
+            f"{trainer.accelerator.num_processes} {record['reward/mean']} {record['eval/jpeg_compressibility/mean']}\n"
+        )
 
 
 if __name__ == "__main__":

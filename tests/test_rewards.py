@@ -277,3 +277,34 @@ def test_imagereward_wiring_with_a_stand_in_package(monkeypatch):
     scores, _ = get_reward_function("imagereward")(images, ["ab", "abc"])
     assert loaded == [("ImageReward-v1.0", "cpu")]
     torch.testing.assert_close(scores, torch.tensor([2.0, 4.0]))
+
+
+def test_hpsv2_on_a_tiny_open_clip_model(tmp_path, monkeypatch):
+    """The real open_clip class, ViT-H-14's layout shrunk to 2 layers; runs where open_clip (and torchvision) are
+    installed, and is skipped elsewhere (CI's CPU torch has no torchvision)."""
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 4},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    (tmp_path / "TinyHPS.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "TinyHPS.json"))
+    torch.manual_seed(0)
+    trained = open_clip.create_model("TinyHPS", pretrained=None).eval()
+    path = tmp_path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    monkeypatch.setattr(rewards, "hf_hub_download", lambda repo, name, **kw: str(path))
+
+    images, prompts = random_images(3), ["a cat", "a dog", "a photo of a cat"]
+    scores, _ = get_reward_function("hpsv2", model_name="TinyHPS", batch_size=2)(images, prompts)
+    pixels = torch.nn.functional.interpolate(images, size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
+    mean = torch.tensor(rewards._CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(rewards._CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(trained.encode_image((pixels - mean) / std), dim=-1)
+        text = torch.nn.functional.normalize(trained.encode_text(open_clip.get_tokenizer("TinyHPS")(prompts)), dim=-1)
+    torch.testing.assert_close(scores, (image * text).sum(-1), rtol=1e-5, atol=1e-6)
+    assert scores[0] != scores[2], "the prompt must matter"

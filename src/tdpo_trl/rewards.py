@@ -186,16 +186,22 @@ class HPSv2(CLIPTextImageScore):
 
     name = "hpsv2"
 
-    def __init__(self, repo: str = "xswu/HPSv2", filename: str = "HPS_v2_compressed.pt", **kwargs):
+    def __init__(
+        self,
+        repo: str = "xswu/HPSv2",
+        filename: str = "HPS_v2_compressed.pt",
+        model_name: str = "ViT-H-14",
+        **kwargs,
+    ):
         _LazyModelReward.__init__(self, **kwargs)
-        self.repo, self.filename, self.scale = repo, filename, 1.0
+        self.repo, self.filename, self.model_name, self.scale = repo, filename, model_name, 1.0
 
     def load(self):
         open_clip = _optional("open_clip", "open_clip_torch")
-        model, _, _ = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)
+        model, _, _ = open_clip.create_model_and_transforms(self.model_name, pretrained=None)
         checkpoint = torch.load(hf_hub_download(self.repo, self.filename), map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"])
-        self.model, self.tokenizer = model, open_clip.get_tokenizer("ViT-H-14")
+        self.model, self.tokenizer = model, open_clip.get_tokenizer(self.model_name)
 
     def score(self, images, prompts):
         size = self.model.visual.image_size[0]

@@ -343,12 +343,7 @@ class TDPOTrainer(DDPOTrainer):
         for metadata in rewards_metadata:
             for name, values in (metadata.get("components", {}) if isinstance(metadata, dict) else {}).items():
                 components[name].append(torch.as_tensor(values, dtype=torch.float32, device=self.accelerator.device))
-        stats = {}
-        for name, values in components.items():
-            gathered = self.accelerator.gather(torch.cat(values))
-            stats[f"reward/{name}/mean"] = gathered.mean().item()
-            stats[f"reward/{name}/std"] = gathered.std(unbiased=False).item()
-        return stats
+        return self._gathered_mean_std("reward", components)
 
     def _eval_reward_stats(self, prompt_image_data: list) -> dict[str, float]:
         """`eval/<name>/mean|std`: the out-of-domain rewards of this epoch's training samples, over all processes."""
@@ -356,11 +351,15 @@ class TDPOTrainer(DDPOTrainer):
         for images, prompts, prompt_metadata, *_ in prompt_image_data:
             for name, values in score_images(self.eval_reward_functions, images, prompts, prompt_metadata).items():
                 scores[name].append(values.to(self.accelerator.device))
+        return self._gathered_mean_std("eval", scores)
+
+    def _gathered_mean_std(self, prefix: str, values: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """`<prefix>/<name>/mean|std` of each name's per-batch tensors, gathered over processes."""
         stats = {}
-        for name, values in scores.items():
-            gathered = self.accelerator.gather(torch.cat(values))
-            stats[f"eval/{name}/mean"] = gathered.mean().item()
-            stats[f"eval/{name}/std"] = gathered.std(unbiased=False).item()
+        for name, batches in values.items():
+            gathered = self.accelerator.gather(torch.cat(batches))
+            stats[f"{prefix}/{name}/mean"] = gathered.mean().item()
+            stats[f"{prefix}/{name}/std"] = gathered.std(unbiased=False).item()
         return stats
 
     def evaluate_heldout(self, epoch: Optional[int] = None) -> dict[str, float]:

@@ -97,18 +97,14 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
+# The towers of the tiny CLIP models: two layers, width 32.
+_TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+
+
 def tiny_clip_vision_model(seed: int = 0, image_size: int = 16) -> CLIPVisionModelWithProjection:
     """A seeded two-layer CLIP image encoder with a 16-d projection (a stand-in for ViT-L/14 in tests)."""
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=4,
-        projection_dim=16,
-    )
+    config = CLIPVisionConfig(**_TINY_TOWER, image_size=image_size, patch_size=4, projection_dim=16)
     return CLIPVisionModelWithProjection(config).eval()
 
 
@@ -121,10 +117,7 @@ def tiny_clip_model(seed: int = 0, image_size: int = 16):
     tokenizer = tiny_tokenizer()
     config = CLIPConfig(
         text_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **_TINY_TOWER,
             vocab_size=len(tokenizer),
             max_position_embeddings=TINY_PROMPT_LENGTH,
             bos_token_id=0,

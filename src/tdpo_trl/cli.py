@@ -28,7 +28,6 @@ def evaluate_command(args) -> dict:
     from .prompts import get_prompt_function
     from .rewards import get_reward_function, short_name
 
-    torch.manual_seed(args.seed)
     if args.base == "tiny":
         from .tiny_models import tiny_stable_diffusion
 

@@ -28,6 +28,16 @@ def score_images(reward_functions: dict[str, Callable], images, prompts, metadat
     return scores
 
 
+def mean_std(scores: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """`{<prefix>/<name>/mean, <prefix>/<name>/std}` of `{name: (N,) scores}` (no prefix: `<name>/mean`)."""
+    stats = {}
+    for name, values in scores.items():
+        key = f"{prefix}/{name}" if prefix else name
+        stats[f"{key}/mean"] = values.mean().item()
+        stats[f"{key}/std"] = values.std(unbiased=False).item()
+    return stats
+
+
 @torch.no_grad()
 def sample_images(pipeline, prompts: list[str], *, seed: int, num_inference_steps: int, guidance_scale: float,
                   eta: float, batch_size: int = 8) -> torch.Tensor:  # fmt: skip

@@ -197,8 +197,8 @@ class HPSv2(CLIPTextImageScore):
         model_name: str = "ViT-H-14",
         **kwargs,
     ):
-        _LazyModelReward.__init__(self, **kwargs)
-        self.repo, self.filename, self.model_name, self.scale = repo, filename, model_name, 1.0
+        super().__init__(model_name, scale=1.0, **kwargs)  # `model_name`: an open_clip architecture
+        self.repo, self.filename = repo, filename
 
     def load(self):
         open_clip = _optional("open_clip", "open_clip_torch")

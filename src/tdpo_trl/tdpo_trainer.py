@@ -25,7 +25,7 @@ from trl.trainer.utils import PerPromptStatTracker
 from . import saving
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
 from .checkpointing import StatTrackerState, TrainingProgress, list_checkpoints, resolve_checkpoint, save_checkpoint
-from .evaluation import sample_images, save_image_grid, score_images
+from .evaluation import mean_std, sample_images, save_image_grid, score_images
 from .hub import check_repo_id, push_folder
 from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
@@ -122,9 +122,10 @@ class TDPOTrainer(DDPOTrainer):
             eval_reward_functions = {short_name(s): get_reward_function(s) for s in config.eval_reward_functions}
         self.eval_reward_functions = dict(eval_reward_functions)
         self._heldout_prompts: Optional[list[str]] = None
-        if config.neuron_reset and not any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks):
+        has_reset = any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks)
+        if config.neuron_reset and not has_reset:
             self.callbacks.append(ActiveNeuronResetCallback.from_config(config))
-        if any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks) and not config.use_critic:
+        elif has_reset and not config.use_critic:
             raise ValueError("an ActiveNeuronResetCallback was given, but `config.use_critic` is False (no critic)")
 
         self.accelerator = Accelerator(
@@ -206,9 +207,8 @@ class TDPOTrainer(DDPOTrainer):
         self.accelerator.register_for_checkpointing(self.progress)
         if config.per_prompt_stat_tracking:
             self.accelerator.register_for_checkpointing(StatTrackerState(self.stat_tracker))
-        for callback in self.callbacks:  # callback state (e.g. reset counts, RNG) travels with checkpoints
-            if hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict"):
-                self.accelerator.register_for_checkpointing(callback)
+        for callback in self.callbacks:
+            self._checkpoint_callback_state(callback)
         if config.resume_from:
             self._resume(config.resume_from)
         self.first_epoch = self.progress.epoch
@@ -218,9 +218,13 @@ class TDPOTrainer(DDPOTrainer):
     def add_callback(self, callback: TDPOCallback):
         """Add a callback (an instance or a `TDPOCallback` subclass) after construction."""
         (callback,) = check_callbacks([callback])
+        self._checkpoint_callback_state(callback)
+        self.callbacks.append(callback)
+
+    def _checkpoint_callback_state(self, callback: TDPOCallback):
+        """Callback state (e.g. reset counts, RNG) travels with checkpoints."""
         if hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict"):
             self.accelerator.register_for_checkpointing(callback)
-        self.callbacks.append(callback)
 
     def _project_configuration(self) -> ProjectConfiguration:
         """Checkpoints go to `<project_dir>/checkpoints/checkpoint_<i>`, `project_dir` defaulting to
@@ -355,12 +359,9 @@ class TDPOTrainer(DDPOTrainer):
 
     def _gathered_mean_std(self, prefix: str, values: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         """`<prefix>/<name>/mean|std` of each name's per-batch tensors, gathered over processes."""
-        stats = {}
-        for name, batches in values.items():
-            gathered = self.accelerator.gather(torch.cat(batches))
-            stats[f"{prefix}/{name}/mean"] = gathered.mean().item()
-            stats[f"{prefix}/{name}/std"] = gathered.std(unbiased=False).item()
-        return stats
+        return mean_std(
+            {name: self.accelerator.gather(torch.cat(batches)) for name, batches in values.items()}, prefix
+        )
 
     def evaluate_heldout(self, epoch: Optional[int] = None) -> dict[str, float]:
         """Sample the fixed, seeded held-out prompts and score them with the target and the eval rewards.
@@ -387,9 +388,7 @@ class TDPOTrainer(DDPOTrainer):
         scores = score_images(rewards, images.to(self.accelerator.device), self._heldout_prompts)
         if self.accelerator.is_main_process and epoch is not None:
             save_image_grid(images, os.path.join(self.accelerator.project_dir, "heldout", f"epoch_{epoch}.png"))
-        stats = {f"heldout/{name}/mean": values.mean().item() for name, values in scores.items()}
-        stats.update({f"heldout/{name}/std": values.std(unbiased=False).item() for name, values in scores.items()})
-        return stats
+        return mean_std(scores, "heldout")
 
     def _local_rows(self, gathered: torch.Tensor) -> torch.Tensor:
         """This process's rows of a tensor gathered over processes: (N_all, ...) -> (N_all / P, ...)."""
@@ -443,14 +442,15 @@ class TDPOTrainer(DDPOTrainer):
         call_event(
             self.callbacks, "on_epoch_end", self, epoch=epoch, global_step=global_step, samples=samples, metrics=stats
         )
+        finished = time.perf_counter()
         stats.update(
             {
                 "time/sampling_s": sampled - start,
                 "time/reward_s": scored - sampled,
                 "time/training_s": trained - scored,
                 "time/heldout_s": evaluated - trained,
-                "time/callbacks_s": time.perf_counter() - evaluated,
-                "time/epoch_s": time.perf_counter() - start,
+                "time/callbacks_s": finished - evaluated,
+                "time/epoch_s": finished - start,
             }
         )
         self.progress.epoch, self.progress.global_step = epoch + 1, global_step

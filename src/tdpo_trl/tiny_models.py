@@ -21,6 +21,8 @@ from transformers import (
 
 
 TINY_PROMPT_LENGTH = 16
+# The transformer towers of every tiny CLIP model (text and image): two layers, width 32.
+_TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 
 
 def tiny_tokenizer(max_length: int = TINY_PROMPT_LENGTH) -> CLIPTokenizer:
@@ -68,11 +70,8 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=37,
+            **_TINY_TOWER,
             layer_norm_eps=1e-5,
-            num_attention_heads=4,
-            num_hidden_layers=2,
             vocab_size=len(tokenizer),
             max_position_embeddings=TINY_PROMPT_LENGTH,
         )
@@ -95,10 +94,6 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-# The towers of the tiny CLIP models: two layers, width 32.
-_TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 
 
 def tiny_clip_vision_model(seed: int = 0, image_size: int = 16) -> CLIPVisionModelWithProjection:

@@ -1,10 +1,14 @@
-"""Train a tiny Stable-Diffusion-shaped text-to-image model on scikit-learn's digits (work in progress, issue 6).
+"""Train the embedded digits text-to-image model and its judges from scikit-learn's digits (seeded, CPU).
 
-Writes a diffusers `StableDiffusionPipeline` folder (word-level tokenizer, frozen random 2-layer CLIP text encoder,
-2-block AutoencoderKL, UNet2DConditionModel (32, 64) with cross attention, DDIM) and a digit classifier, and prints
-the prompted-digit accuracy of generated samples under that classifier.
+Writes into `--output_dir` (by default the package's `tdpo_trl/digits/assets/`, which ships with the project):
+- `pipeline/`: a diffusers `StableDiffusionPipeline` (word-level tokenizer, frozen random 2-layer CLIP text encoder,
+  2-block AutoencoderKL with 4x8x8 latents, UNet2DConditionModel (32, 64) with cross attention, DDIM), 16x16 RGB;
+- `judges.safetensors`: digit classifier, ink regressor (MLP on the classifier's features), Gaussian (PPCA) realism,
+  and the real training digits for the nearest-real distance (see `tdpo_trl.digits.judges`);
+- `digits.safetensors`: scikit-learn's 1,797 digits (uint8 8x8) and labels, so the package needs no scikit-learn;
+- `base_metrics.json`: what the script measured (judges' held-out accuracy and R^2, prompted-digit accuracy).
 
-    python scripts/train_digits_base.py --output_dir digits-base --unet_minutes 16
+    python scripts/train_digits_base.py            # ~25 min on 2 CPU cores; needs scikit-learn
 """
 
 import argparse
@@ -15,191 +19,159 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from tqdm.auto import tqdm
 
-
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-TEMPLATES = ["a handwritten digit {word}", "a drawing of the number {n}", "the digit {word}"]
-MAX_LENGTH = 8
-
-
-def digits_dataset():
-    """Images (N, 3, 16, 16) in [-1, 1] and labels (N,)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
-    images = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
-    return (images * 2 - 1).repeat(1, 3, 1, 1), torch.tensor(digits.target)
-
-
-def word_tokenizer(folder: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "handwritten", "digit", "drawing", "of", "the", "number"]
-    vocab += WORDS + [str(n) for n in range(10)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-        model_max_length=MAX_LENGTH,
-    )  # fmt: skip
-    fast.save_pretrained(folder)
-    return fast
-
-
-def prompt_for(label: int, rng: np.random.Generator) -> str:
-    if rng.random() < 0.1:
-        return ""  # for classifier-free guidance
-    return TEMPLATES[rng.integers(len(TEMPLATES))].format(word=WORDS[label], n=label)
-
-
-class DigitClassifier(nn.Module):
-    """A small CNN on 16x16 grayscale digits in [-1, 1]."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, images):  # (B, 3 or 1, 16, 16) in [-1, 1]
-        return self.head(self.features(images.mean(1, keepdim=True)))
+from tdpo_trl.digits.data import ASSETS, MAX_PROMPT_LENGTH, NUM_TRAIN, load_digits, prompt_for, train_test_split
+from tdpo_trl.digits.judges import DigitClassifier, DigitJudges, InkRegressor, grayscale, stroke_mass, vary_strokes
+from tdpo_trl.digits.model import (
+    build_pipeline,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    prompted_accuracy,
+    word_tokenizer,
+)
 
 
 def train_classifier(images, labels, train_idx, test_idx, epochs=30):
-    torch.manual_seed(0)
+    """A CNN on grayscale digits, with small pixel noise so generated digits stay in its domain."""
     model = DigitClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(epochs):
+    gray = grayscale((images + 1) / 2)
+    for _ in tqdm(range(epochs), desc="classifier"):
         for batch in torch.randperm(len(train_idx)).split(64):
             idx = train_idx[batch]
-            noisy = images[idx] + 0.1 * torch.randn_like(images[idx])  # robust to generator noise
+            noisy = gray[idx] + 0.1 * torch.randn_like(gray[idx])
             loss = F.cross_entropy(model(noisy), labels[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(images[test_idx]).argmax(1) == labels[test_idx]).float().mean().item()
+    model.eval().requires_grad_(False)
+    accuracy = (model(gray[test_idx]).argmax(1) == labels[test_idx]).float().mean().item()
     return model, accuracy
+
+
+def r_squared(prediction, target):
+    return (1 - ((prediction - target) ** 2).sum() / ((target - target.mean()) ** 2).sum()).item()
+
+
+def train_ink_regressor(classifier, images, train_idx, test_idx, epochs=300):
+    """Stroke mass from the frozen classifier's features, on real digits with varied stroke width."""
+    real01 = (images + 1) / 2
+    train = torch.cat([real01[train_idx], vary_strokes(real01[train_idx]), vary_strokes(real01[train_idx])])
+    test = torch.cat([real01[test_idx], vary_strokes(real01[test_idx])])
+    features = classifier.features(grayscale(train))
+    target = stroke_mass(train)
+    model = InkRegressor()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in tqdm(range(epochs), desc="ink regressor"):
+        for batch in torch.randperm(len(train)).split(256):
+            loss = F.mse_loss(model(features[batch]), target[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval().requires_grad_(False)
+    return model, r_squared(model(classifier.features(grayscale(test))), stroke_mass(test))
+
+
+def fit_realism(judges, images, train_idx, n_components):
+    """Probabilistic PCA on flattened real training digits (scikit-learn), stored as mean and precision."""
+    from sklearn.decomposition import PCA
+
+    real = ((images[train_idx] + 1) / 2).mean(1).flatten(1).double().numpy()  # (N, 256) in [0, 1]
+    pca = PCA(n_components=n_components, random_state=0).fit(real)
+    precision = torch.tensor(pca.get_precision())
+    judges.realism.mean.copy_(torch.tensor(pca.mean_))
+    judges.realism.precision.copy_(precision)
+    judges.realism.logdet_precision.copy_(torch.linalg.slogdet(precision).logabsdet)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="digits-base")
-    parser.add_argument("--vae_minutes", type=float, default=1.5)
-    parser.add_argument("--unet_minutes", type=float, default=16.0)
+    parser.add_argument("--output_dir", default=ASSETS)
+    parser.add_argument("--vae_steps", type=int, default=400)
+    parser.add_argument("--unet_steps", type=int, default=3000)
+    parser.add_argument("--realism_components", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    images, labels = digits_dataset()
-    order = torch.randperm(len(images))
-    train_idx, test_idx = order[:1500], order[1500:]
+    images, labels = load_digits("sklearn")
+    from sklearn.datasets import load_digits as sklearn_digits
 
-    classifier, accuracy = train_classifier(images, labels, train_idx, test_idx)
-    print(f"classifier held-out accuracy {accuracy:.4f}", flush=True)
-    torch.save(classifier.state_dict(), os.path.join(args.output_dir, "digit_classifier.pt"))
+    save_file(
+        {"pixels": torch.tensor(sklearn_digits().images, dtype=torch.uint8), "labels": labels.to(torch.uint8)},
+        os.path.join(args.output_dir, "digits.safetensors"),
+    )
+    train_idx, test_idx = train_test_split(len(images))
+    metrics = {"seed": args.seed, "num_train": NUM_TRAIN, "num_test": len(test_idx)}
+    metrics["realism_components"] = args.realism_components
 
-    tokenizer = word_tokenizer(os.path.join(args.output_dir, "tokenizer"))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH, pad_token_id=0, bos_token_id=2,
-            eos_token_id=3,
-        )
-    ).eval().requires_grad_(False)  # fmt: skip
+    judges = DigitJudges(images)
+    judges.classifier, metrics["classifier_test_accuracy"] = train_classifier(images, labels, train_idx, test_idx)
+    judges.ink, metrics["ink_test_r2"] = train_ink_regressor(judges.classifier, images, train_idx, test_idx)
+    fit_realism(judges, images, train_idx, args.realism_components)
+    real_test = judges.score((images[test_idx] + 1) / 2)
+    metrics["real_test_realism"] = real_test["realism"].mean().item()
+    metrics["real_test_nearest_real"] = real_test["nearest_real"].mean().item()
+    judges.save(os.path.join(args.output_dir, "judges.safetensors"))
+    print(json.dumps(metrics), flush=True)
 
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64), latent_channels=4,
-        norm_num_groups=16, sample_size=16,
-    )  # fmt: skip
+    tokenizer, text_encoder = word_tokenizer(), build_text_encoder()
+    vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    start, step = time.time(), 0
-    while time.time() - start < args.vae_minutes * 60:
+    for _ in tqdm(range(args.vae_steps), desc="vae"):
         batch = images[train_idx[torch.randint(len(train_idx), (64,))]]
         posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, batch) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        step += 1
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean  # (N, 4, 8, 8)
-        recon_mse = F.mse_loss(vae.decode(latents).sample[test_idx], images[test_idx]).item()
+        metrics["vae_test_mse"] = F.mse_loss(vae.decode(latents[test_idx]).sample, images[test_idx]).item()
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
-    print(f"vae: {step} steps, held-out reconstruction MSE {recon_mse:.2e}, scaling factor {scaling:.3f}", flush=True)
 
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
-    )  # fmt: skip
+    unet = build_unet()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-4)
-
-    def encode_prompts(batch_labels):
-        prompts = [prompt_for(int(label), rng) for label in batch_labels]
-        ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            return text_encoder(ids.input_ids)[0]
-
-    start, step = time.time(), 0
-    while time.time() - start < args.unet_minutes * 60:
+    start = time.time()
+    progress = tqdm(range(args.unet_steps), desc="unet")
+    for step in progress:
         idx = train_idx[torch.randint(len(train_idx), (64,))]
         x0 = latents[idx] * scaling
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),))
-        prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, encode_prompts(labels[idx])).sample
-        loss = F.mse_loss(prediction, noise)
+        prompts = [prompt_for(int(label), rng) for label in labels[idx]]
+        ids = tokenizer(prompts, padding="max_length", max_length=MAX_PROMPT_LENGTH, return_tensors="pt").input_ids
+        with torch.no_grad():
+            text = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t, text).sample, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             for k, v in unet.state_dict().items():
-                ema[k].mul_(0.995).add_(v.detach(), alpha=0.005) if v.dtype.is_floating_point else ema[k].copy_(v)
-        step += 1
-        if step % 500 == 0:
-            print(f"unet step {step}, loss {loss.item():.4f}, {time.time() - start:.0f} s", flush=True)
+                ema[k].mul_(0.995).add_(v, alpha=0.005) if v.dtype.is_floating_point else ema[k].copy_(v)
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+    metrics["unet_steps"], metrics["unet_minutes"] = args.unet_steps, (time.time() - start) / 60
     unet.load_state_dict(ema)
-    unet.eval()
+    unet.eval().requires_grad_(False)
 
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config, steps_offset=1, clip_sample=False,
-                                            set_alpha_to_one=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipeline.set_progress_bar_config(disable=True)
-    eval_labels = [n for n in range(10) for _ in range(10)]
-    prompts = [TEMPLATES[0].format(word=WORDS[n], n=n) for n in eval_labels]
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        samples = pipeline(prompts, num_inference_steps=20, guidance_scale=5.0, generator=generator, output_type="pt")
-        predicted = classifier(samples.images * 2 - 1).argmax(1)
-    prompted_accuracy = (predicted == torch.tensor(eval_labels)).float().mean().item()
-    print(f"prompted-digit accuracy of 100 samples (DDIM 20, CFG 5): {prompted_accuracy:.3f}", flush=True)
+    pipeline = build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler)
+    metrics["prompted_accuracy"] = prompted_accuracy(pipeline, judges)
     pipeline.save_pretrained(os.path.join(args.output_dir, "pipeline"))
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump(
-            {"classifier_accuracy": accuracy, "vae_recon_mse": recon_mse, "unet_steps": step,
-             "prompted_digit_accuracy": prompted_accuracy},
-            f,
-        )  # fmt: skip
+    with open(os.path.join(args.output_dir, "base_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Optional
 
 
-BUILTIN_PROMPT_SETS = ("simple_animals",)  # files in tdpo_trl/prompt_sets/
+BUILTIN_PROMPT_SETS = ("simple_animals", "digits")  # files in tdpo_trl/prompt_sets/
 
 
 def _read_lines(path: str) -> list[str]:

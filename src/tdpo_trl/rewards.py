@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
+from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
 from .modeling_critic import CLIPImageFeatures, ValueHead
 
 
@@ -243,6 +244,12 @@ REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "clip_score": CLIPScore,
     "jpeg_compressibility": lambda **kwargs: jpeg_compressibility,
     "jpeg_incompressibility": lambda **kwargs: jpeg_incompressibility,
+    # judges of the embedded digits model (`tdpo_trl.digits`), shipped with the package
+    "digit_ink": DigitInk,
+    "digit_accuracy": DigitAccuracy,
+    "digit_realism": DigitRealism,
+    "digit_nearest_real": DigitNearestReal,
+    "digit_stroke_mass": DigitStrokeMass,
 }
 
 

@@ -1,0 +1,36 @@
+"""The embedded default: a tiny text-to-image model of handwritten digits and the judges that score it.
+
+Trained on 2 CPU cores by `scripts/train_digits_base.py` from scikit-learn's digits and shipped with the package,
+so `tdpo-trl demo` runs TDPO-R end to end with no GPU and no download.
+"""
+
+from .data import TEMPLATES, WORDS, label_of, load_digits, train_test_split
+from .judges import (
+    DigitAccuracy,
+    DigitInk,
+    DigitJudges,
+    DigitNearestReal,
+    DigitRealism,
+    DigitStrokeMass,
+    shared_judges,
+)
+from .model import eval_prompts, load_digits_pipeline, prompted_accuracy
+
+
+__all__ = [
+    "TEMPLATES",
+    "WORDS",
+    "DigitAccuracy",
+    "DigitInk",
+    "DigitJudges",
+    "DigitNearestReal",
+    "DigitRealism",
+    "DigitStrokeMass",
+    "eval_prompts",
+    "label_of",
+    "load_digits",
+    "load_digits_pipeline",
+    "prompted_accuracy",
+    "shared_judges",
+    "train_test_split",
+]

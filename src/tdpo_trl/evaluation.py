@@ -134,10 +134,12 @@ def evaluate_checkpoints(
     return results
 
 
-def save_image_grid(images: torch.Tensor, path: str, columns: Optional[int] = None):
-    """`(N, 3, H, W)` in [0, 1] as one PNG grid."""
+def save_image_grid(images: torch.Tensor, path: str, columns: Optional[int] = None, scale: int = 1):
+    """`(N, 3, H, W)` in [0, 1] as one PNG grid; `scale` enlarges small images (nearest neighbour)."""
     from PIL import Image
 
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
     n, _, height, width = images.shape
     columns = columns or min(n, 8)
     rows = (n + columns - 1) // columns

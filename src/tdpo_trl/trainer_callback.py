@@ -5,6 +5,9 @@ TRL's `DDPOTrainer` is not a `transformers.Trainer`, so `transformers.TrainerCal
 trainer (its `critic`, `critic_head`, `critic_optimizer`, `accelerator`, `config`, ...) and keyword arguments.
 """
 
+import json
+import math
+import os
 from typing import Any
 
 
@@ -76,3 +79,18 @@ def check_callbacks(callbacks) -> list[TDPOCallback]:
 def call_event(callbacks: list[TDPOCallback], event: str, trainer: Any, **kwargs):
     for callback in callbacks:
         getattr(callback, event)(trainer, **kwargs)
+
+
+class JSONLinesLoggerCallback(TDPOCallback):
+    """Appends every logged record (one per epoch) to `path` as a JSON line; non-finite numbers become `null`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_log(self, trainer, *, logs: dict[str, float], step: int, **kwargs):
+        if not trainer.accelerator.is_main_process:
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in logs.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")

@@ -115,6 +115,8 @@ def test_every_config_field_is_a_flag(command, capsys):
 
 
 def test_bad_flag_values_are_named():
+    with pytest.raises(ValueError, match="`samples_per_digit` must be >= 1, got 0"):
+        cli_main(["demo", "--samples_per_digit", "0"])
     with pytest.raises(ValueError, match="'bogus'"):
         cli_main(["train", "--lora_init", "bogus"])
     with pytest.raises(ValueError, match="unknown reward 'no_such_reward'"):

@@ -36,6 +36,10 @@ class DemoArguments:
         default=10, metadata={"help": "Fixed-seed samples per digit scored and shown before and after training."}
     )
 
+    def __post_init__(self):
+        if self.samples_per_digit < 1:
+            raise ValueError(f"`samples_per_digit` must be >= 1, got {self.samples_per_digit}")
+
 
 def parse_args(argv: Optional[list[str]] = None):
     """`(DemoArguments, TDPOConfig)`; every `TDPOConfig` field is a flag, on the digits defaults."""
@@ -148,7 +152,7 @@ def main(demo_args: DemoArguments, config) -> dict:
     plot_before_after(before, after, scores, paths["before_after"])
     plot_epoch_cross_reward(trainer.log_history, paths["cross_reward"])
     summary = {
-        "mode": "TDPO-R" if config.use_critic else "DDPO",
+        "mode": ("TDPO-R" if config.neuron_reset else "TDPO (no reset)") if config.use_critic else "DDPO",
         "epochs": len(trainer.log_history),
         "minutes": (time.perf_counter() - start) / 60,
         "fixed_samples": len(prompts),

@@ -249,7 +249,7 @@ class TDPOConfig(DDPOConfig):
         },
     )
     neuron_reset_frequency: int = field(
-        default=10, metadata={"help": "Reset after every N-th epoch ((epoch + 1) % N == 0)."}
+        default=10, metadata={"help": "Reset after every N-th epoch (when epoch + 1 is a multiple of N)."}
     )
     neuron_reset_threshold: float = field(
         default=0.0,

@@ -134,10 +134,9 @@ def evaluate_checkpoints(
     return results
 
 
-def save_image_grid(images: torch.Tensor, path: str, columns: Optional[int] = None, scale: int = 1):
-    """`(N, 3, H, W)` in [0, 1] as one PNG grid; `scale` enlarges small images (nearest neighbour)."""
-    from PIL import Image
-
+def image_grid(images: torch.Tensor, columns: Optional[int] = None, scale: int = 1) -> torch.Tensor:
+    """`(N, 3, H, W)` in [0, 1] -> one `(3, rows * (H*scale + 2), columns * (W*scale + 2))` grid on white;
+    `scale` enlarges small images (nearest neighbour)."""
     if scale > 1:
         images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
     n, _, height, width = images.shape
@@ -147,7 +146,15 @@ def save_image_grid(images: torch.Tensor, path: str, columns: Optional[int] = No
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         grid[:, r * (height + 2) : r * (height + 2) + height, c * (width + 2) : c * (width + 2) + width] = image
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return grid.clamp(0, 1)
+
+
+def save_image_grid(images: torch.Tensor, path: str, columns: Optional[int] = None, scale: int = 1):
+    """`(N, 3, H, W)` in [0, 1] as one PNG grid (see `image_grid`)."""
+    from PIL import Image
+
+    grid = image_grid(images, columns, scale)
+    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray(array).save(path)
 

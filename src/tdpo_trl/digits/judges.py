@@ -123,23 +123,31 @@ class DigitJudges(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-        """Every judge's per-image score, `(B,)` each; `accuracy` needs prompts that name a digit (else NaN)."""
+    def score(
+        self, images: torch.Tensor, prompts: Optional[list[str]] = None, names: Optional[tuple[str, ...]] = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-image scores `(B,)` of the judges in `names` (default: all; `accuracy` only with prompts, NaN for a
+        prompt that names no digit). Only the requested judges run."""
+        names = names or ("ink", "stroke_mass", "realism", "nearest_real") + (("accuracy",) if prompts else ())
         images = images.float().cpu()
-        gray = grayscale(images)
-        features = self.classifier.features(gray)
-        flat = images.mean(1).flatten(1)  # (B, 256) in [0, 1]
-        scores = {
-            "ink": self.ink(features),
-            "stroke_mass": stroke_mass(images),
-            "realism": self.realism(images),
-            "nearest_real": torch.cdist(flat, self.reference).min(1).values / 16.0,  # RMS pixel distance
-        }
-        if prompts is not None:
-            labels = torch.tensor([label_of(p) for p in prompts])
-            predicted = self.classifier.head(features).argmax(1)
-            correct = (predicted == labels).float()
-            scores["accuracy"] = torch.where(labels >= 0, correct, torch.full_like(correct, float("nan")))
+        features = self.classifier.features(grayscale(images)) if {"ink", "accuracy"} & set(names) else None
+        scores = {}
+        for name in names:
+            if name == "ink":
+                scores[name] = self.ink(features)
+            elif name == "stroke_mass":
+                scores[name] = stroke_mass(images)
+            elif name == "realism":
+                scores[name] = self.realism(images)
+            elif name == "nearest_real":
+                flat = images.mean(1).flatten(1)  # (B, 256) in [0, 1]
+                scores[name] = torch.cdist(flat, self.reference).min(1).values / 16.0  # RMS pixel distance
+            elif name == "accuracy":
+                labels = torch.tensor([label_of(p) for p in prompts])
+                correct = (self.classifier.head(features).argmax(1) == labels).float()
+                scores[name] = torch.where(labels >= 0, correct, torch.full_like(correct, float("nan")))
+            else:
+                raise ValueError(f"unknown judge {name!r}; expected ink, stroke_mass, realism, nearest_real, accuracy")
         return scores
 
 
@@ -160,7 +168,7 @@ class _DigitReward:
         self.judges_path = judges_path
 
     def __call__(self, images, prompts=None, metadata=None):
-        scores = shared_judges(self.judges_path).score(images, prompts if self.key == "accuracy" else None)
+        scores = shared_judges(self.judges_path).score(images, prompts, names=(self.key,))
         return scores[self.key].to(images.device), {}
 
 

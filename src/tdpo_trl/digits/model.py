@@ -3,8 +3,6 @@
 import os
 from typing import Optional
 
-import torch
-
 from .data import ASSETS, MAX_PROMPT_LENGTH, TEMPLATES, WORDS
 
 
@@ -95,17 +93,15 @@ def eval_prompts(per_digit: int = 10, template: str = TEMPLATES[0]) -> list[str]
     return [template.format(word=WORDS[n], n=n) for n in range(10) for _ in range(per_digit)]
 
 
-@torch.no_grad()
 def prompted_accuracy(pipeline, judges, per_digit: int = 10, seed: int = 1234, num_inference_steps: int = 20,
                       guidance_scale: float = 5.0, batch_size: int = 100) -> float:  # fmt: skip
-    """The fraction of seeded samples that the judges' classifier reads as the digit their prompt names."""
+    """The fraction of seeded samples (DDIM, eta 0) that the judges' classifier reads as the digit their prompt
+    names."""
+    from ..evaluation import sample_images
+
     prompts = eval_prompts(per_digit)
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        output = pipeline(
-            prompts[start : start + batch_size], num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, eta=0.0, generator=generator, output_type="pt",
-        )  # fmt: skip
-        images.append(output.images)
-    return judges.score(torch.cat(images), prompts)["accuracy"].mean().item()
+    images = sample_images(
+        pipeline, prompts, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        eta=0.0, batch_size=batch_size,
+    )  # fmt: skip
+    return judges.score(images, prompts, names=("accuracy",))["accuracy"].mean().item()

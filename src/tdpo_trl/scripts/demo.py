@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..digits import eval_prompts, shared_judges
-from ..evaluation import sample_images, save_image_grid
+from ..evaluation import image_grid, sample_images
 from . import train
 
 
@@ -74,10 +74,8 @@ def plot_before_after(before: torch.Tensor, after: torch.Tensor, scores: dict, p
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 5.6))
     for ax, images, name in zip(axes, (before, after), ("before", "after")):
-        grid_path = path.replace(".png", f"_{name}.png")
         by_row = images.reshape(10, -1, *images.shape[1:]).transpose(0, 1).flatten(0, 1)  # one column per digit
-        save_image_grid(by_row, grid_path, columns=10, scale=4)
-        ax.imshow(plt.imread(grid_path))
+        ax.imshow(image_grid(by_row, columns=10, scale=4).permute(1, 2, 0).numpy())
         s = scores[name]
         ax.set_title(
             f"{name}: ink {s['ink']:.3f}, accuracy {s['accuracy']:.2f}, realism {s['realism']:.2f}", fontsize=10
@@ -85,8 +83,6 @@ def plot_before_after(before: torch.Tensor, after: torch.Tensor, scores: dict, p
         ax.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    for name in ("before", "after"):
-        os.remove(path.replace(".png", f"_{name}.png"))
     return figure
 
 

@@ -3,6 +3,7 @@
 import base64
 import json
 import logging
+import re
 
 import httpx2
 import pytest
@@ -238,8 +239,8 @@ def test_push_failure_keeps_the_local_save_and_never_shows_the_token(lora_traine
     assert (tmp_path / "hub" / "README.md").exists()
 
 
-@pytest.mark.parametrize("repo_id", ["a/b/c", "", "/", "me/"])
+@pytest.mark.parametrize("repo_id", ["a/b/c", "", "/", "me/", "bad id!!", "-me/x", "me/x.."])
 def test_bad_repo_ids_are_rejected_before_any_request(lora_trainer, tmp_path, repo_id):
-    with FakeHub() as hub, pytest.raises(ValueError, match="`repo_id` must look like 'user/name'"):
+    with FakeHub() as hub, pytest.raises(ValueError, match=f"`repo_id` {re.escape(repr(repo_id))} is not a valid Hub"):
         lora_trainer.push_to_hub(repo_id, local_dir=tmp_path / "hub")
     assert hub.requests == [] and not (tmp_path / "hub").exists()

@@ -124,10 +124,10 @@ def test_advantages_are_returns_minus_sampled_values(tmp_path, tiny_pipeline):
 
 def test_nonfinite_rewards_give_zero_advantage(tmp_path, tiny_pipeline):
     trainer = TDPOTrainer(tiny_config(tmp_path, use_critic=False), mean_brightness, cat_prompt, tiny_pipeline)
-    normalized = trainer._normalized_rewards(np.array([1.0, np.nan, 3.0, np.inf]), None)
+    normalized = trainer._normalized_rewards(np.array([1.0, np.nan, 3.0, np.inf]), None, epoch=0)
     np.testing.assert_allclose(normalized, [-1.0, 0.0, 1.0, 0.0], atol=1e-6)
-    with pytest.raises(ValueError, match="every reward of this epoch is NaN or infinite"):
-        trainer._normalized_rewards(np.array([np.nan, np.nan]), None)
+    with pytest.raises(ValueError, match="every reward of epoch 3 is NaN or infinite"):
+        trainer._normalized_rewards(np.array([np.nan, np.nan]), None, epoch=3)
 
 
 def test_clip_critic_end_to_end(tmp_path, tiny_pipeline, tiny_clip_path):

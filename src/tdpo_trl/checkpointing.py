@@ -1,20 +1,34 @@
-"""Crash-safe, rotated training checkpoints written with accelerate's `save_state`.
+"""Crash-safe, verified, rotated training checkpoints written with accelerate's `save_state`.
 
-A checkpoint is first written to `checkpoints/.checkpoint_<i>.partial` and then renamed to `checkpoint_<i>`: a
-process killed while writing leaves a `.partial` folder, which is never resumed from and is removed by the next save,
-so the previous `checkpoint_<i-1>` stays the latest valid one.
+A checkpoint is first written to `checkpoints/.checkpoint_<i>.partial`; a `manifest.json` listing every file with its
+size and SHA-256 (and the shape of the model that wrote it) is written last; then the folder is renamed to
+`checkpoint_<i>`. A process killed while writing leaves a `.partial` folder, which is never resumed from and is
+removed by the next save, so the previous `checkpoint_<i-1>` stays the latest valid one. On resume the manifest is
+checked: a damaged checkpoint is named with the file at fault and the newest intact checkpoint beside it.
 """
 
+import hashlib
+import json
+import logging
 import os
 import re
 import shutil
 from collections import deque
+from typing import Optional
 
 import numpy as np
 import torch
 
 
+logger = logging.getLogger(__name__)
+
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is damaged, or does not fit the model it would be loaded into."""
 
 
 class TrainingProgress:
@@ -63,22 +77,116 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
     return [os.path.join(checkpoint_dir, name) for _, name in sorted(numbered)]
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str, structure: Optional[dict] = None) -> str:
+    """List every file of `folder` with its size and SHA-256, plus `structure`, in `folder/manifest.json`."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder).replace(os.sep, "/")
+            if relative != MANIFEST_NAME:
+                files[relative] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    manifest = {"format": MANIFEST_FORMAT, "files": files, "structure": structure or {}}
+    path = os.path.join(folder, MANIFEST_NAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def checkpoint_problem(folder: str) -> Optional[str]:
+    """What is wrong with `folder` according to its manifest (None if intact). A folder without a manifest (written
+    before tdpo-trl wrote them) counts as intact and is logged as unverified."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        logger.warning(f"{folder!r} has no {MANIFEST_NAME} (an older checkpoint?); its files are not verified")
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"its {MANIFEST_NAME} is unreadable ({err})"
+    for relative, expected in sorted(files.items()):
+        file = os.path.join(folder, relative)
+        if not os.path.isfile(file):
+            return f"{relative} is missing"
+        size = os.path.getsize(file)
+        if size != expected["bytes"]:
+            return f"{relative} has {size} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
+        if _sha256(file) != expected["sha256"]:
+            return f"{relative} does not match its SHA-256 in the manifest (corrupted or replaced)"
+    return None
+
+
+def read_structure(folder: str) -> Optional[dict]:
+    """The model structure recorded in a checkpoint's manifest (None without a manifest)."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("structure") or None
+
+
+def check_structure(folder: str, current: dict):
+    """Raise `CheckpointError` listing, field by field, where the model that wrote `folder` differs from `current`."""
+    recorded = read_structure(folder)
+    if recorded is None:
+        return
+    differences = [
+        f"{name}: checkpoint {recorded.get(name)!r}, now {value!r}"
+        for name, value in current.items()
+        if recorded.get(name) != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{folder!r} was written by a differently shaped model; nothing was loaded. Set these fields as the "
+            f"checkpoint has them (or start a new run): " + "; ".join(differences)
+        )
+
+
 def resolve_checkpoint(path: str) -> str:
-    """`path` if it is a `checkpoint_<i>` folder, else the latest checkpoint in `path` or `path/checkpoints`."""
+    """`path` if it is a `checkpoint_<i>` folder, else the latest checkpoint in `path` or `path/checkpoints`; the
+    checkpoint's files are verified against its manifest first (`CheckpointError` if damaged)."""
     path = os.path.normpath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise ValueError(f"`resume_from` {path!r} is not a directory")
     if _CHECKPOINT.match(os.path.basename(path)):
-        return path
-    folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    checkpoints = list_checkpoints(folder)
-    if not checkpoints:
-        raise ValueError(f"`resume_from` {path!r} holds no complete checkpoint_<i> folder")
-    return checkpoints[-1]
+        checkpoint, candidates = path, list_checkpoints(os.path.dirname(path))
+    else:
+        folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        candidates = list_checkpoints(folder)
+        if not candidates:
+            raise ValueError(f"`resume_from` {path!r} holds no complete checkpoint_<i> folder")
+        checkpoint = candidates[-1]
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        older = [c for c in candidates if _index(c) < _index(checkpoint)]
+        intact = next((c for c in reversed(older) if checkpoint_problem(c) is None), None)
+        advice = f"resume from the newest intact one: resume_from={intact!r}" if intact else "no older one is intact"
+        raise CheckpointError(f"checkpoint {checkpoint!r} is damaged: {problem}; {advice}")
+    return checkpoint
 
 
-def save_checkpoint(accelerator, checkpoint_dir: str, index: int, limit=None) -> str:
-    """Write `checkpoint_<index>` atomically on every process, then keep the newest `limit` checkpoints."""
+def run_folder_of(checkpoint: str) -> Optional[str]:
+    """The run folder `<run>` of `<run>/checkpoints/checkpoint_<i>`, or None for a checkpoint kept elsewhere."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+def _index(checkpoint: str) -> int:
+    return int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
+
+
+def save_checkpoint(accelerator, checkpoint_dir: str, index: int, limit=None, structure: Optional[dict] = None) -> str:
+    """Write `checkpoint_<index>` atomically on every process (its manifest last), then keep the newest `limit`."""
     final = os.path.join(checkpoint_dir, f"checkpoint_{index}")
     partial = os.path.join(checkpoint_dir, f".checkpoint_{index}.partial")
     if accelerator.is_main_process:
@@ -88,6 +196,7 @@ def save_checkpoint(accelerator, checkpoint_dir: str, index: int, limit=None) ->
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(partial, structure)
         if os.path.exists(final):  # resumed from an older checkpoint: the newer ones are replaced
             shutil.rmtree(final)
         os.replace(partial, final)

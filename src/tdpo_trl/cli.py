@@ -4,11 +4,37 @@
     tdpo-trl train --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic --use_lora
     tdpo-trl evaluate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --runs tdpo=outputs/tdpo ddpo=outputs/ddpo \\
         --target_reward aesthetic --eval_rewards pickscore imagereward hpsv2 --output_dir eval
+
+A user error (a bad flag value, a missing file, an unknown name, an unwritable folder) prints one line naming the flag
+and the value and exits with status 2; `--debug` (or `TDPO_TRL_DEBUG=1`) shows the traceback instead.
 """
 
 import argparse
+import os
+import re
 import sys
 from typing import Optional
+
+
+DEBUG_ENV = "TDPO_TRL_DEBUG"
+# What a user's mistake raises (config validation, missing files, damaged checkpoints); anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make `parser` report a bad flag in one line (`prog: error: ...`, exit status 2) instead of its whole usage."""
+
+    def error(message):
+        parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+
+    parser.error = error
+    return parser
+
+
+def _as_flags(message: str) -> str:
+    """`num_epochs` -> --num_epochs in an error message: the command line user knows fields as flags."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", r"--\1", message)
 
 
 def _parse_runs(values: list[str]) -> dict[str, str]:
@@ -18,7 +44,9 @@ def _parse_runs(values: list[str]) -> dict[str, str]:
         if not sep:
             name, path = value.rstrip("/").split("/")[-1], value
         if not name or not path:
-            raise SystemExit(f"--runs: expected NAME=PATH or PATH, got {value!r}")
+            raise ValueError(f"`runs`: expected NAME=PATH or PATH, got {value!r}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"`runs`: {path!r} (run {name!r}) does not exist")
         runs[name] = path
     return runs
 
@@ -27,9 +55,20 @@ def evaluate_command(args) -> dict:
     import torch
 
     from .evaluation import evaluate_checkpoints, plot_cross_reward
+    from .loading import check_model_reference, load_pretrained
     from .prompts import get_prompt_function
     from .rewards import get_reward_function, short_name
+    from .validation import check_writable_folder, field_errors
 
+    runs = _parse_runs(args.runs)  # every user input is checked before the model loads
+    check_writable_folder(args.output_dir, "output_dir")
+    check_model_reference(args.base, "base", ("tiny", "digits"))
+    with field_errors("target_reward"):
+        target_reward = get_reward_function(args.target_reward)
+    with field_errors("eval_rewards"):
+        eval_rewards = {short_name(spec): get_reward_function(spec) for spec in args.eval_rewards}
+    with field_errors("prompts"):
+        prompt_fn = get_prompt_function(args.prompts, seed=args.seed, template=args.prompt_template)
     if args.base == "tiny":
         from .tiny_models import tiny_stable_diffusion
 
@@ -42,17 +81,15 @@ def evaluate_command(args) -> dict:
         from diffusers import StableDiffusionPipeline
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        pipeline = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype)
+        pipeline = load_pretrained(StableDiffusionPipeline.from_pretrained, args.base, "base", torch_dtype=dtype)
         pipeline.safety_checker = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.to(device)
-    prompt_fn = get_prompt_function(args.prompts, seed=args.seed, template=args.prompt_template)
     prompts = [prompt_fn()[0] for _ in range(args.num_prompts)]
-    eval_rewards = {short_name(spec): get_reward_function(spec) for spec in args.eval_rewards}
     results = evaluate_checkpoints(
         pipeline,
-        _parse_runs(args.runs),
-        get_reward_function(args.target_reward),
+        runs,
+        target_reward,
         eval_rewards,
         prompts,
         seed=args.seed,
@@ -73,7 +110,11 @@ def evaluate_command(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tdpo-trl", description="TDPO-R for text-to-image diffusion models.")
+    parser = argparse.ArgumentParser(
+        prog="tdpo-trl",
+        description="TDPO-R for text-to-image diffusion models.",
+        epilog=f"--debug (or {DEBUG_ENV}=1) shows the traceback of an error.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("demo", "TDPO-R with LoRA on the shipped digits model and its learned ink reward (minutes on a CPU)"),
@@ -101,13 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--output_dir", default="outputs/evaluate")
     evaluate.set_defaults(handler=evaluate_command)
-    return parser
+    one_line_errors(evaluate)
+    return one_line_errors(parser)
 
 
 HF_ARGUMENT_COMMANDS = {"demo": "demo", "train": "train"}  # parsed by HfArgumentParser in tdpo_trl.scripts.<module>
 
 
 def main(argv: Optional[list[str]] = None):
+    """Run a command; errors propagate (the console script turns user errors into one line, see `entry_point`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in HF_ARGUMENT_COMMANDS:
         import importlib
@@ -116,13 +159,25 @@ def main(argv: Optional[list[str]] = None):
         return module.cli(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "num_prompts", 1) < 1:
-        raise SystemExit(f"--num_prompts must be >= 1, got {args.num_prompts}")
+        raise ValueError(f"`num_prompts` must be >= 1, got {args.num_prompts}")
     return args.handler(args)
 
 
-def entry_point():
-    """The `tdpo-trl` console script (returns nothing, so the exit status is 0 on success)."""
-    main()
+def entry_point(argv: Optional[list[str]] = None):
+    """The `tdpo-trl` console script. A user error prints one line naming the flag and exits with status 2 (with
+    `--debug` or `TDPO_TRL_DEBUG=1`: the traceback). Returns nothing, so the exit status is 0 on success."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        command = f"tdpo-trl {argv[0]}" if argv and not argv[0].startswith("-") else "tdpo-trl"
+        message = " ".join(_as_flags(str(err)).split())  # one line
+        print(f"{command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

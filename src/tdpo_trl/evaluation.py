@@ -15,17 +15,14 @@ from tqdm.auto import tqdm
 
 from .checkpointing import list_checkpoints
 from .pipeline import LORA_WEIGHT_NAME
+from .validation import call_reward_function
 
 
 @torch.no_grad()
 def score_images(reward_functions: dict[str, Callable], images, prompts, metadata=None) -> dict[str, torch.Tensor]:
-    """`{name: (B,) float32 scores}` of `images` under every reward function."""
+    """`{name: (B,) float32 scores}` of `images` under every reward function (each output checked)."""
     metadata = metadata if metadata is not None else [{}] * len(images)
-    scores = {}
-    for name, function in reward_functions.items():
-        values, _ = function(images, prompts, metadata)
-        scores[name] = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
-    return scores
+    return {name: call_reward_function(f, images, prompts, metadata)[0].cpu() for name, f in reward_functions.items()}
 
 
 def mean_std(scores: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:

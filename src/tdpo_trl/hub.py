@@ -4,6 +4,7 @@ import os
 from typing import Optional
 
 from huggingface_hub import HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 
 class HubUploadError(RuntimeError):
@@ -19,9 +20,13 @@ def _scrub(text: str, token: Optional[str]) -> str:
 
 
 def check_repo_id(repo_id) -> None:
-    parts = repo_id.split("/") if isinstance(repo_id, str) else []
-    if not 1 <= len(parts) <= 2 or not all(parts):
-        raise ValueError(f"`repo_id` must look like 'user/name' or 'name', got {repo_id!r}")
+    """huggingface_hub's own validator, as a `ValueError` that names `repo_id`; nothing is written before it."""
+    if not isinstance(repo_id, str):
+        raise ValueError(f"`repo_id` must be a str like 'user/name', got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"`repo_id` {repo_id!r} is not a valid Hub repo id like 'user/name': {err}") from None
 
 
 def push_folder(

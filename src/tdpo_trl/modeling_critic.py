@@ -160,7 +160,9 @@ class TimestepCritic(nn.Module):
         if config.critic_encoder == "latents":
             encoder = LatentFeatures(latent_shape)
         else:
-            encoder = CLIPImageFeatures.from_pretrained(config.critic_encoder)
+            from .loading import load_pretrained
+
+            encoder = load_pretrained(CLIPImageFeatures.from_pretrained, config.critic_encoder, "critic_encoder")
         return cls(encoder, config.critic_hidden_sizes, config.critic_dropout, config.critic_activation)
 
     @torch.no_grad()

@@ -9,6 +9,8 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from trl import DefaultDDPOStableDiffusionPipeline
 
+from .loading import check_model_reference, load_pretrained
+
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,13 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
             self.pretrained_model = self.sd_pipeline.config.get("_name_or_path")
         elif isinstance(pretrained_model_name, str):
             kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-            self.sd_pipeline = StableDiffusionPipeline.from_pretrained(
-                pretrained_model_name, revision=pretrained_model_revision, **kwargs
+            check_model_reference(pretrained_model_name, "pretrained_model_name")
+            self.sd_pipeline = load_pretrained(
+                StableDiffusionPipeline.from_pretrained,
+                pretrained_model_name,
+                "pretrained_model_name",
+                revision=pretrained_model_revision,
+                **kwargs,
             )
             self.pretrained_model = pretrained_model_name
         else:

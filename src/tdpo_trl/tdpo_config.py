@@ -7,6 +7,8 @@ from typing import Optional
 
 from trl import DDPOConfig
 
+from .loading import check_model_reference
+
 
 class JSONDict(dict):
     """A `dict` that can also be built from a JSON string.
@@ -31,6 +33,7 @@ _DICT_FIELDS = ("tracker_kwargs", "accelerator_kwargs", "project_kwargs")
 _CRITIC_ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
 _RESET_TARGETS = ("active", "dormant", "all", "none")
 _LORA_INITS = ("gaussian", "default")
+CRITIC_ENCODER_NAMES = ("latents",)  # built-in encoders; anything else is a CLIP vision folder or Hub id
 
 
 @dataclass
@@ -68,6 +71,13 @@ class TDPOConfig(DDPOConfig):
         lora_init (`str`, *optional*, defaults to `"gaussian"`):
             `"gaussian"` (A ~ N(0, 1/r), B = 0, as TRL's DDPO) or `"default"` (PEFT's Kaiming-uniform A, B = 0).
             Either way the adapter starts as the identity.
+
+        > Parameters that control resuming
+
+        resume_as_new_run (`bool`, *optional*, defaults to `False`):
+            With `resume_from`: write the continuation into the run folder that `run_name` (or
+            `project_kwargs["project_dir"]`) names, which must hold no checkpoints, instead of the resumed run's own
+            folder. Without it a resume that would write into another run's folder is refused.
 
         > Parameters that control the critic
 
@@ -180,6 +190,14 @@ class TDPOConfig(DDPOConfig):
     lora_init: str = field(
         default="gaussian",
         metadata={"help": "LoRA init: 'gaussian' (as TRL's DDPO) or 'default' (PEFT's).", "choices": _LORA_INITS},
+    )
+
+    resume_as_new_run: bool = field(
+        default=False,
+        metadata={
+            "help": "With resume_from: continue into the run folder that run_name names (it must hold no checkpoints) "
+            "instead of the resumed run's own folder."
+        },
     )
 
     use_critic: bool = field(
@@ -347,8 +365,8 @@ class TDPOConfig(DDPOConfig):
             )
         if any(not 0.0 <= p < 1.0 for p in self.critic_dropout):
             raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
-        if not self.critic_encoder:
-            raise ValueError("`critic_encoder` must be 'latents' or a CLIP vision checkpoint id or path, got ''")
+        if self.use_critic:  # no network: a built-in name, a local folder or a well-formed Hub id
+            check_model_reference(self.critic_encoder, "critic_encoder", CRITIC_ENCODER_NAMES)
         if self.eval_freq < 0:
             raise ValueError(f"`eval_freq` must be >= 0 (0 turns held-out evaluation off), got {self.eval_freq}")
         if not self.lora_alpha > 0:

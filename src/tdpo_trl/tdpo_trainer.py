@@ -24,16 +24,26 @@ from trl.trainer.utils import PerPromptStatTracker
 
 from . import saving
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
-from .checkpointing import StatTrackerState, TrainingProgress, list_checkpoints, resolve_checkpoint, save_checkpoint
+from .checkpointing import (
+    StatTrackerState,
+    TrainingProgress,
+    check_structure,
+    list_checkpoints,
+    resolve_checkpoint,
+    run_folder_of,
+    save_checkpoint,
+)
 from .evaluation import mean_std, sample_images, save_image_grid, score_images
 from .hub import check_repo_id, push_folder
 from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
+from .optimization import OptimizerGroup, clip_and_step
 from .prompts import get_prompt_function
 from .rewards import get_reward_function, reward_name, short_name
 from .tdpo_config import TDPOConfig
 from .trainer_callback import TDPOCallback, call_event, check_callbacks
+from .validation import CheckedPromptFunction, call_reward_function, check_finite_weights, describe
 
 
 logger = get_logger(__name__)
@@ -49,6 +59,10 @@ _PER_STEP_KEYS = (
     "values",
     "returns",
 )
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class TDPOTrainer(DDPOTrainer):
@@ -103,15 +117,18 @@ class TDPOTrainer(DDPOTrainer):
     ):
         # DDPOTrainer.__init__ is not called: it forwards the un-wrapped UNet (no gradient all-reduce across
         # processes), checkpoints on rank 0 only (deadlock), needs `project_kwargs` to save and validates after
-        # building the Accelerator. The methods that work are reused: `compute_rewards`, `loss`, `_setup_optimizer`,
-        # `_generate_samples`, `_config_check`.
+        # building the Accelerator. The methods that work are reused: `loss`, `_setup_optimizer`,
+        # `_generate_samples`, `_config_check`. (`compute_rewards` is replaced: it checks what the reward returns,
+        # and TRL's async path expected futures.)
         if not isinstance(config, TDPOConfig):
             raise TypeError(f"`config` must be a TDPOConfig, got {type(config).__name__}")
         if critic is not None and not config.use_critic:
             raise ValueError("a `critic` was given but `config.use_critic` is False (DDPO mode); drop one of them")
         self.config = config
+        if not callable(reward_function):
+            raise TypeError(f"`reward_function` must be callable, got {describe(reward_function)}")
         self.reward_fn = reward_function
-        self.prompt_fn = prompt_function
+        self.prompt_fn = CheckedPromptFunction(prompt_function)  # every (prompt, metadata) it returns is checked
         self.sd_pipeline = sd_pipeline
         self.image_samples_callback = image_samples_hook
         self.num_train_timesteps = config.num_train_timesteps
@@ -201,6 +218,15 @@ class TDPOTrainer(DDPOTrainer):
         else:
             self.unet, self.optimizer = self.accelerator.prepare(unet, self.optimizer)
         self.trainable_layers = [p for p in self.unet.parameters() if p.requires_grad]
+        self._optimizer_groups = [
+            OptimizerGroup("policy", self.optimizer, self.trainable_layers, config.train_max_grad_norm)
+        ]
+        if self.critic is not None:
+            self._optimizer_groups.append(
+                OptimizerGroup(
+                    "critic", self.critic_optimizer, list(self.critic_head.parameters()), config.critic_max_grad_norm
+                )
+            )
 
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
@@ -209,8 +235,8 @@ class TDPOTrainer(DDPOTrainer):
             self.accelerator.register_for_checkpointing(StatTrackerState(self.stat_tracker))
         for callback in self.callbacks:
             self._checkpoint_callback_state(callback)
-        if config.resume_from:
-            self._resume(config.resume_from)
+        if self._resume_checkpoint:
+            self._resume(self._resume_checkpoint)
         self.first_epoch = self.progress.epoch
 
     # ------------------------------------------------------------------ setup helpers
@@ -230,21 +256,36 @@ class TDPOTrainer(DDPOTrainer):
         """Checkpoints go to `<project_dir>/checkpoints/checkpoint_<i>`, `project_dir` defaulting to
         `<logdir>/<run_name>`; the newest `total_limit` (default `num_checkpoint_limit`) are kept.
 
-        Without a `run_name` the run folder gets a timestamp, so that a second run never collides with the first.
+        Without a `run_name` the run folder gets a timestamp, so that a second run never collides with the first; a
+        resumed run continues in its own folder. Writing into a folder that holds another run's checkpoints is refused.
         """
         config = self.config
         kwargs = dict(config.project_kwargs)
+        # verified before anything else happens; `_resume` loads it once the models exist
+        self._resume_checkpoint = resolve_checkpoint(config.resume_from) if config.resume_from else None
+        resumed_run = run_folder_of(self._resume_checkpoint) if self._resume_checkpoint else None
         if "project_dir" not in kwargs:
-            run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-            kwargs["project_dir"] = os.path.join(config.logdir, run_name)
+            if resumed_run and not config.run_name:
+                kwargs["project_dir"] = resumed_run
+            else:
+                run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+                kwargs["project_dir"] = os.path.join(config.logdir, run_name)
+        continues_run = resumed_run is not None and _same_folder(kwargs["project_dir"], resumed_run)
+        if resumed_run and not continues_run and not config.resume_as_new_run:
+            raise ValueError(
+                f"`resume_from` {config.resume_from!r} continues the run in {resumed_run!r}, but this run would write "
+                f"to {kwargs['project_dir']!r}; drop `run_name` (and `project_kwargs['project_dir']`) to continue the "
+                "run in its own folder, or set `resume_as_new_run=True` to start a new run there from that checkpoint"
+            )
         self.checkpoint_limit = kwargs.pop("total_limit", config.num_checkpoint_limit)
         kwargs["automatic_checkpoint_naming"] = False  # checkpoints are named and rotated by `save_checkpoint`
         self.checkpoint_dir = os.path.join(kwargs["project_dir"], "checkpoints")
         existing = list_checkpoints(self.checkpoint_dir)
-        if existing and not config.resume_from:
+        if existing and not continues_run:
+            what = "of another run; " if config.resume_from else "; set `resume_from` to continue that run, or "
             raise ValueError(
-                f"{self.checkpoint_dir!r} already holds checkpoints ({os.path.basename(existing[-1])} is the latest); "
-                "set `resume_from` to continue that run, or choose another `run_name` or `logdir`"
+                f"{self.checkpoint_dir!r} already holds checkpoints ({os.path.basename(existing[-1])} is the latest)"
+                f"{what}choose another `run_name` or `logdir`"
             )
         return ProjectConfiguration(**kwargs)
 
@@ -263,10 +304,40 @@ class TDPOTrainer(DDPOTrainer):
         ).input_ids.to(self.accelerator.device)
 
     def _resume(self, path: str):
-        """Load weights, optimizers, RNG states, progress, reward statistics and callback state of a checkpoint."""
-        path = resolve_checkpoint(path)
+        """Load weights, optimizers, RNG states, progress, reward statistics and callback state of a (verified)
+        checkpoint, after checking that it was written by a model of the same shape."""
+        check_structure(path, self.model_structure())
         logger.info(f"Resuming from {path}")
         self.accelerator.load_state(path)
+
+    def model_structure(self) -> dict:
+        """What a checkpoint's tensors must fit: LoRA shape and critic shape, by `TDPOConfig` field name."""
+        structure = {"use_lora": bool(self.sd_pipeline.use_lora), "use_critic": self.critic is not None}
+        unet = self.accelerator.unwrap_model(self.unet)
+        lora = unet.peft_config.get("default") if getattr(unet, "peft_config", None) else None
+        if lora is not None:
+            structure["lora_rank"] = int(lora.r)
+            structure["lora_alpha"] = float(lora.lora_alpha)
+            structure["lora_target_modules"] = sorted(lora.target_modules)
+        if self.critic is not None:
+            head = self.accelerator.unwrap_model(self.critic_head)
+            structure["critic_encoder"] = self.config.critic_encoder
+            structure["critic_input_dim"] = int(head.input_dim)
+            structure["critic_hidden_sizes"] = [int(size) for size in head.hidden_sizes]
+            structure["critic_activation"] = head.activation
+        return structure
+
+    def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The trained tensors (policy and critic weights, optimizer moments) that checkpoints and saves hold."""
+        named = [(f"unet.{n}", p) for n, p in self.accelerator.unwrap_model(self.unet).named_parameters()]
+        named = [(n, p) for n, p in named if p.requires_grad]
+        if self.critic is not None:
+            head = self.accelerator.unwrap_model(self.critic_head)
+            named += [(f"critic_head.{n}", p) for n, p in head.named_parameters()]
+        for group in self._optimizer_groups:
+            for i, state in enumerate(group.optimizer.state.values()):
+                named += [(f"{group.name}_optimizer.state.{i}.{k}", v) for k, v in state.items() if torch.is_tensor(v)]
+        return named
 
     def _save_model_hook(self, models, weights, output_dir):
         # The UNet is saved by the pipeline (LoRA in diffusers format); accelerate saves the critic head.
@@ -303,19 +374,44 @@ class TDPOTrainer(DDPOTrainer):
                 sample["values"] = head(sample["critic_features"]).float()  # (B, T)
         return samples, prompt_image_pairs
 
+    def compute_rewards(self, prompt_image_pairs, is_async=False):
+        """Score each sampled batch with the reward function (in the thread pool if `is_async`), checking what it
+        returns. Returns `(rewards, metadata)`: per batch a `(B,)` float32 tensor and the function's metadata."""
+
+        def score(pair):
+            images, prompts, prompt_metadata = pair[:3]
+            return call_reward_function(self.reward_fn, images, prompts, prompt_metadata)
+
+        pairs = list(prompt_image_pairs)
+        results = list(self.executor.map(score, pairs)) if is_async else [score(pair) for pair in pairs]
+        rewards, metadata = zip(*results)
+        return [r.to(self.accelerator.device) for r in rewards], list(metadata)
+
     # ------------------------------------------------------------------ advantages
 
-    def _normalized_rewards(self, rewards: np.ndarray, prompt_ids: torch.Tensor) -> np.ndarray:
-        """Per-prompt (as DDPO's tracker) or batch-wise normalization of the gathered rewards."""
-        if self.config.per_prompt_stat_tracking:
-            prompt_ids = self.accelerator.gather(prompt_ids).cpu().numpy()
-            prompts = self.sd_pipeline.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
-            return self.stat_tracker.update(prompts, rewards)
+    def _normalized_rewards(
+        self, rewards: np.ndarray, prompt_ids: Optional[torch.Tensor], epoch: Optional[int] = None
+    ) -> np.ndarray:
+        """Per-prompt (as DDPO's tracker) or batch-wise normalization of the gathered rewards `(N_all,)`.
+
+        Either way a NaN or infinite reward is left out of the statistics and its sample gets advantage 0.
+        """
         finite = np.isfinite(rewards)
         if not finite.any():
-            raise ValueError(f"every reward of this epoch is NaN or infinite: {rewards[:8]}")
-        normalized = (rewards - rewards[finite].mean()) / (rewards[finite].std() + 1e-8)
-        return np.where(finite, normalized, 0.0)  # a sample whose reward failed contributes nothing
+            raise ValueError(
+                f"every reward of epoch {epoch if epoch is not None else '?'} is NaN or infinite ({len(rewards)} "
+                f"samples, first values "
+                f"{rewards[:4].tolist()}); check the reward function {reward_name(self.reward_fn)!r}"
+            )
+        normalized = np.zeros_like(rewards)  # a sample whose reward failed contributes nothing
+        if self.config.per_prompt_stat_tracking:
+            prompt_ids = self.accelerator.gather(prompt_ids).cpu().numpy()
+            prompts = np.asarray(self.sd_pipeline.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True))
+            normalized[finite] = self.stat_tracker.update(prompts[finite], rewards[finite])
+        else:
+            valid = rewards[finite]
+            normalized[finite] = (valid - valid.mean()) / (valid.std() + 1e-8)
+        return normalized
 
     def _compute_advantages(self, samples: dict, normalized_rewards: np.ndarray) -> dict[str, float]:
         """Sets `samples["advantages"]` (and `samples["returns"]` in TDPO mode), each `(n_local, T)`."""
@@ -418,11 +514,18 @@ class TDPOTrainer(DDPOTrainer):
         rewards = self.accelerator.gather(torch.cat(rewards).float()).cpu().numpy()  # (N_all,)
         scored = time.perf_counter()
 
+        normalized = self._normalized_rewards(rewards, samples["prompt_ids"], epoch)
         finite = rewards[np.isfinite(rewards)]
         stats = {"epoch": epoch, "reward/mean": float(finite.mean()), "reward/std": float(finite.std())}
+        stats["reward/invalid_count"] = int(len(rewards) - len(finite))
+        if stats["reward/invalid_count"]:
+            logger.warning(
+                f"epoch {epoch}: {stats['reward/invalid_count']} of {len(rewards)} rewards were NaN or infinite; "
+                "they are left out of the reward statistics and their samples get advantage 0"
+            )
         stats.update(self._reward_component_stats(rewards_metadata))
         stats.update(self._eval_reward_stats(prompt_image_data))
-        stats.update(self._compute_advantages(samples, self._normalized_rewards(rewards, samples["prompt_ids"])))
+        stats.update(self._compute_advantages(samples, normalized))
         del samples["prompt_ids"]
 
         train_info = defaultdict(list)
@@ -436,6 +539,7 @@ class TDPOTrainer(DDPOTrainer):
         trained = time.perf_counter()
 
         stats.update(self._reduce_info(train_info))
+        stats.update(self._skipped_step_stats(train_info, epoch))
         if config.eval_freq and (epoch + 1) % config.eval_freq == 0:  # the model as this epoch leaves it
             stats.update(self.evaluate_heldout(epoch))
         evaluated = time.perf_counter()
@@ -464,12 +568,35 @@ class TDPOTrainer(DDPOTrainer):
     def save_checkpoint(self) -> str:
         """Write the next `checkpoint_<i>` (every process must call this) and rotate old ones. Returns its path."""
         index = self.progress.next_checkpoint
+        destination = os.path.join(self.checkpoint_dir, f"checkpoint_{index}")
+        check_finite_weights(self._named_weights(), "a checkpoint", destination)  # before anything is written
         self.progress.next_checkpoint = index + 1  # saved inside the checkpoint: a resumed run continues the count
-        return save_checkpoint(self.accelerator, self.checkpoint_dir, index, self.checkpoint_limit)
+        return save_checkpoint(
+            self.accelerator, self.checkpoint_dir, index, self.checkpoint_limit, structure=self.model_structure()
+        )
 
-    def _reduce_info(self, info: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-        means = {k: torch.stack(v).mean() for k, v in info.items()}
+    def _reduce_info(self, info: dict[str, list]) -> dict[str, float]:
+        means = {k: torch.stack(v).mean() for k, v in info.items() if v and isinstance(v[0], torch.Tensor)}
         return {k: v.item() for k, v in self.accelerator.reduce(means, reduction="mean").items()}
+
+    def _skipped_step_stats(self, info: dict[str, list], epoch: int) -> dict[str, float]:
+        """`<model>/grad_norm` (mean of the finite norms) and `<model>/skipped_steps` (steps whose gradient was NaN
+        or infinite). Gradients are all-reduced before their norm is taken, so every process counts the same."""
+        stats = {}
+        for name in ("policy", "critic"):
+            norms = info.get(f"{name}/_grad_norms")
+            if not norms:
+                continue
+            finite = [n for n in norms if math.isfinite(n)]
+            stats[f"{name}/grad_norm"] = float(np.mean(finite)) if finite else float("nan")
+            stats[f"{name}/skipped_steps"] = len(norms) - len(finite)
+            if len(finite) < len(norms):
+                logger.warning(
+                    f"epoch {epoch}: skipped {len(norms) - len(finite)} of {len(norms)} {name} optimizer steps whose "
+                    "loss or gradient was NaN or infinite (under fp16 loss scaling a few skips are expected while "
+                    "the scale settles)"
+                )
+        return stats
 
     def _shuffle_and_batch(self, samples: dict) -> list[dict]:
         """Shuffle samples, permute steps independently per sample, and split into minibatches of train_batch_size."""
@@ -525,17 +652,9 @@ class TDPOTrainer(DDPOTrainer):
                     info["critic/value_clipfrac"].append(value_clipfrac.detach())
                     loss = loss + self.config.critic_loss_coef * critic_loss
                 self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(self.trainable_layers, self.config.train_max_grad_norm)
-                    if self.critic is not None:
-                        self.accelerator.clip_grad_norm_(
-                            self.critic_head.parameters(), self.config.critic_max_grad_norm
-                        )
-                self.optimizer.step()  # accelerate skips the step until gradients are synced
-                self.optimizer.zero_grad()
-                if self.critic is not None:
-                    self.critic_optimizer.step()
-                    self.critic_optimizer.zero_grad()
+                if self.accelerator.sync_gradients:  # otherwise gradients accumulate
+                    for name, (norm, _) in clip_and_step(self.accelerator, self._optimizer_groups).items():
+                        info[f"{name}/_grad_norms"].append(norm)
             if self.accelerator.sync_gradients:
                 global_step += 1
                 call_event(
@@ -619,6 +738,7 @@ class TDPOTrainer(DDPOTrainer):
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; give a folder")
+        check_finite_weights(self._named_weights(), "the trained weights", save_directory)
         if self.accelerator.is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             unet = self.accelerator.unwrap_model(self.unet)

@@ -23,6 +23,7 @@ import torch
 
 from ..digits import eval_prompts, shared_judges
 from ..evaluation import image_grid, sample_images
+from ..validation import check_writable_folder
 from . import train
 
 
@@ -45,9 +46,10 @@ def parse_args(argv: Optional[list[str]] = None):
     """`(DemoArguments, TDPOConfig)`; every `TDPOConfig` field is a flag, on the digits defaults."""
     from transformers import HfArgumentParser
 
+    from ..cli import one_line_errors
     from ..tdpo_config import TDPOConfig
 
-    parser = HfArgumentParser((DemoArguments, TDPOConfig))
+    parser = one_line_errors(HfArgumentParser((DemoArguments, TDPOConfig)))
     parser.prog = "tdpo-trl demo"
     parser.set_defaults(**{k: v for k, v in train.DIGITS_DEFAULTS.items() if k in TDPOConfig.__dataclass_fields__})
     has_tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -119,7 +121,7 @@ def plot_epoch_cross_reward(log_history: list[dict], path: str, window: int = 5)
 
 def main(demo_args: DemoArguments, config) -> dict:
     start = time.perf_counter()
-    output_dir = demo_args.output_dir
+    output_dir = check_writable_folder(demo_args.output_dir, "output_dir")
     config.project_kwargs = {**config.project_kwargs, "project_dir": output_dir}
     needed = {"digit_accuracy", "digit_realism"} - set(config.eval_reward_functions)
     config.eval_reward_functions = [*config.eval_reward_functions, *sorted(needed)]

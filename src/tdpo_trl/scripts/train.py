@@ -22,6 +22,8 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
+from ..cli import one_line_errors
+from ..loading import check_model_reference
 from ..pipeline import TDPOStableDiffusionPipeline
 from ..prompts import get_prompt_function
 from ..rewards import get_reward_function
@@ -29,6 +31,7 @@ from ..tdpo_config import TDPOConfig
 from ..tdpo_trainer import TDPOTrainer
 from ..tiny_models import TINY_TRAINING_DEFAULTS, left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
 from ..trainer_callback import JSONLinesLoggerCallback
+from ..validation import check_writable_folder, field_errors
 
 
 TINY_REWARDS = {"brightness": mean_brightness, "left_minus_right": left_minus_right_brightness}
@@ -97,6 +100,9 @@ class ScriptArguments:
         metadata={"help": "Where to save the final LoRA (diffusers format), critic and model card; None: skip."},
     )
 
+    def __post_init__(self):
+        check_model_reference(self.pretrained_model, "pretrained_model", tuple(MODEL_DEFAULTS))
+
 
 def default_config(model: str = "digits", **overrides) -> TDPOConfig:
     """The `TDPOConfig` that `tdpo-trl train --pretrained_model <model>` starts from, with `overrides`."""
@@ -106,7 +112,7 @@ def default_config(model: str = "digits", **overrides) -> TDPOConfig:
 
 def parse_args(argv: Optional[list[str]] = None, defaults: Optional[dict] = None):
     """`(ScriptArguments, TDPOConfig)` from the command line, on the defaults of `--pretrained_model`."""
-    parser = HfArgumentParser((ScriptArguments, TDPOConfig))
+    parser = one_line_errors(HfArgumentParser((ScriptArguments, TDPOConfig)))
     parser.prog = "tdpo-trl train"
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**MODEL_DEFAULTS.get(known.pretrained_model, {}), **(defaults or {}))
@@ -127,12 +133,18 @@ def load_pipeline(script_args: ScriptArguments, config: TDPOConfig) -> TDPOStabl
 
 
 def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=None) -> TDPOTrainer:
+    with field_errors("reward"):
+        reward_function = TINY_REWARDS.get(script_args.reward) or get_reward_function(script_args.reward)
+    with field_errors("prompts"):
+        prompt_function = get_prompt_function(
+            script_args.prompts, template=script_args.prompt_template, seed=config.seed
+        )
+    if script_args.save_dir:
+        check_writable_folder(script_args.save_dir, "save_dir")
     trainer = TDPOTrainer(
         config,
-        reward_function=TINY_REWARDS.get(script_args.reward) or get_reward_function(script_args.reward),
-        prompt_function=get_prompt_function(
-            script_args.prompts, template=script_args.prompt_template, seed=config.seed
-        ),
+        reward_function=reward_function,
+        prompt_function=prompt_function,
         sd_pipeline=pipeline or load_pipeline(script_args, config),
     )
     trainer.add_callback(JSONLinesLoggerCallback(os.path.join(trainer.accelerator.project_dir, "metrics.jsonl")))

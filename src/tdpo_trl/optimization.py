@@ -1,0 +1,53 @@
+"""One optimizer step for several models trained by one loss (the policy and the critic).
+
+`Accelerator.clip_grad_norm_` unscales the gradients of every prepared optimizer, so calling it once per model makes
+the second call raise under fp16 ("unscale_() has already been called"); and each `AcceleratedOptimizer.step` calls
+`GradScaler.update()`, which makes the next optimizer's gradients be unscaled a second time. Here the gradients are
+unscaled once, clipped per model with its own norm, every optimizer steps through the scaler, and the scale is
+updated once, as PyTorch documents for several optimizers. A step whose gradient norm is NaN or infinite is skipped
+(by the scaler under fp16, by us otherwise), so a non-finite loss never reaches the weights.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OptimizerGroup:
+    """An accelerate-prepared optimizer, the parameters it updates and their gradient-norm limit."""
+
+    name: str
+    optimizer: torch.optim.Optimizer  # an `accelerate.optimizer.AcceleratedOptimizer`
+    parameters: list[torch.nn.Parameter]
+    max_grad_norm: float
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside an AcceleratedOptimizer
+
+
+def clip_and_step(accelerator, groups: list[OptimizerGroup]) -> dict[str, tuple[float, bool]]:
+    """Unscale once, clip each group to its own norm, step the groups whose norm is finite, zero all gradients.
+
+    Call it only when `accelerator.sync_gradients` is true. Returns `{name: (grad_norm_before_clipping, stepped)}`.
+    """
+    scaler = accelerator.scaler
+    if scaler is not None:
+        for group in groups:
+            scaler.unscale_(_inner(group.optimizer))
+    results = {}
+    for group in groups:
+        norm = float(torch.nn.utils.clip_grad_norm_(group.parameters, group.max_grad_norm))
+        finite = math.isfinite(norm)
+        if scaler is not None:
+            scaler.step(_inner(group.optimizer))  # skipped by the scaler when it found inf/NaN while unscaling
+        elif finite:
+            _inner(group.optimizer).step()
+        results[group.name] = (norm, finite)
+    if scaler is not None:
+        scaler.update()  # once per step: lowers the scale after an overflow
+    for group in groups:
+        _inner(group.optimizer).zero_grad(set_to_none=True)
+    return results

@@ -282,7 +282,7 @@ class TDPOTrainer(DDPOTrainer):
         self.checkpoint_dir = os.path.join(kwargs["project_dir"], "checkpoints")
         existing = list_checkpoints(self.checkpoint_dir)
         if existing and not continues_run:
-            what = "of another run; " if config.resume_from else "; set `resume_from` to continue that run, or "
+            what = " of another run; " if config.resume_from else "; set `resume_from` to continue that run, or "
             raise ValueError(
                 f"{self.checkpoint_dir!r} already holds checkpoints ({os.path.basename(existing[-1])} is the latest)"
                 f"{what}choose another `run_name` or `logdir`"

@@ -25,6 +25,7 @@ def describe(value: Any, max_items: int = 4) -> str:
     """A short description of `value` for error messages: its type, shape/length and first values."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         flat = value.flatten()[:max_items].tolist() if value.ndim else [value.item()]
+        flat = [float(f"{v:.4g}") if isinstance(v, float) else v for v in flat]
         return f"{type(value).__name__} of shape {tuple(value.shape)}, dtype {value.dtype}, first values {flat}"
     if isinstance(value, str):
         return f"str {value[:40]!r}" + ("..." if len(value) > 40 else "")

@@ -118,9 +118,9 @@ def test_a_non_finite_loss_skips_the_optimizer_step(tmp_path, caplog):
     trainer = brightness_trainer(tmp_path, num_epochs=1)
     calculate_loss = trainer.calculate_loss
 
-    def nan_policy_loss(*args):
-        loss, approx_kl, clipfrac = calculate_loss(*args)
-        return loss * float("nan"), approx_kl, clipfrac
+    def nan_policy_loss(*args, **kwargs):
+        loss, approx_kl, clipfrac, terms = calculate_loss(*args, **kwargs)
+        return loss * float("nan"), approx_kl, clipfrac, terms
 
     trainer.calculate_loss = nan_policy_loss
     before = trained_tensors(trainer)

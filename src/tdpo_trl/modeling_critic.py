@@ -159,6 +159,12 @@ class TimestepCritic(nn.Module):
         """Build the critic that `config.critic_encoder` names (a `TDPOConfig`)."""
         if config.critic_encoder == "latents":
             encoder = LatentFeatures(latent_shape)
+        elif config.critic_encoder == "digit_classifier":  # the features the digits' ink reward reads
+            import copy
+
+            from .digits.judges import DigitClassifierFeatures, shared_judges
+
+            encoder = DigitClassifierFeatures(copy.deepcopy(shared_judges().classifier))
         else:
             from .loading import load_pretrained
 

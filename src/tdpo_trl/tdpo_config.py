@@ -33,7 +33,8 @@ _DICT_FIELDS = ("tracker_kwargs", "accelerator_kwargs", "project_kwargs")
 _CRITIC_ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
 _RESET_TARGETS = ("active", "dormant", "all", "none")
 _LORA_INITS = ("gaussian", "default")
-CRITIC_ENCODER_NAMES = ("latents",)  # built-in encoders; anything else is a CLIP vision folder or Hub id
+# built-in critic encoders; anything else names a CLIP vision folder or Hub id
+CRITIC_ENCODER_NAMES = ("latents", "digit_classifier")
 
 
 @dataclass
@@ -86,7 +87,9 @@ class TDPOConfig(DDPOConfig):
         critic_encoder (`str`, *optional*, defaults to `"openai/clip-vit-large-patch14"`):
             What the critic reads. A CLIP vision checkpoint id or local path: x_t is decoded by the VAE and embedded
             by that frozen image encoder (the paper's critic). `"latents"`: the flattened latent x_t itself, no
-            decoding (cheap; for small models). Pass `critic=` to [`TDPOTrainer`] for any other encoder.
+            decoding (cheap; for small models). `"digit_classifier"`: for the shipped digits model, the frozen digit
+            classifier's features of the decoded x_t, the features its ink reward reads. Pass `critic=` to
+            [`TDPOTrainer`] for any other encoder.
         critic_hidden_sizes (`list[int]`, *optional*, defaults to `[1024, 128, 64, 16]`):
             Hidden layer widths of the critic's MLP head (the LAION aesthetic-predictor shape).
         critic_dropout (`list[float]`, *optional*, defaults to `[0.2, 0.2, 0.1, 0.0]`):
@@ -133,6 +136,27 @@ class TDPOConfig(DDPOConfig):
             How many held-out prompts (drawn once, with `eval_seed`).
         eval_seed (`int`, *optional*, defaults to `0`):
             Seed of the held-out prompts and of their sampling noise; the training RNG is not touched.
+
+        > Parameters that control the regularizers against over-optimization (`tdpo_trl.regularizers`)
+
+        pretrain_loss_coef (`float`, *optional*, defaults to `0.0`):
+            Weight beta of the pretraining (denoising) loss added to every policy update (the large-scale RL paper);
+            `0` turns it off. Logged as `pretrain/loss`.
+        pretrain_dataset (`str`, *optional*, defaults to `""`):
+            Image-caption pairs for that loss: `"digits"` (the shipped model's training digits),
+            `"imagefolder:<dir>"`, or a `datasets` id or folder.
+        pretrain_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of `pretrain_dataset`.
+        pretrain_image_column (`str`, *optional*, defaults to `"image"`):
+            Column holding the images.
+        pretrain_caption_column (`str`, *optional*, defaults to `"text"`):
+            Column holding the captions.
+        pretrain_batch_size (`int`, *optional*, defaults to `16`):
+            Image-caption pairs per policy update, denoised in the same UNet call as the policy's minibatch.
+        kl_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the per-step KL between the current and the base model's DDIM transitions (closed form; the
+            base is the UNet with its LoRA disabled, or a frozen copy for full-UNet training), added to the loss.
+            Logged as `policy/kl_ref`.
 
         > Parameters that control the critic's neuron reset (the "R" of TDPO-R)
 
@@ -260,6 +284,22 @@ class TDPOConfig(DDPOConfig):
     eval_num_prompts: int = field(default=8, metadata={"help": "Number of held-out prompts."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of the held-out prompts and their sampling noise."})
 
+    pretrain_loss_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the pretraining (denoising) loss in every policy update; 0: off."}
+    )
+    pretrain_dataset: str = field(
+        default="",
+        metadata={"help": "Image-caption data for the pretraining loss: 'digits', 'imagefolder:<dir>' or a dataset."},
+    )
+    pretrain_dataset_split: str = field(default="train", metadata={"help": "Split of pretrain_dataset."})
+    pretrain_image_column: str = field(default="image", metadata={"help": "Image column of pretrain_dataset."})
+    pretrain_caption_column: str = field(default="text", metadata={"help": "Caption column of pretrain_dataset."})
+    pretrain_batch_size: int = field(default=16, metadata={"help": "Image-caption pairs per policy update."})
+    kl_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the per-step KL to the base model's DDIM transitions in the loss; 0: off."},
+    )
+
     neuron_reset: Optional[bool] = field(
         default=None,
         metadata={
@@ -316,6 +356,7 @@ class TDPOConfig(DDPOConfig):
             "neuron_reset_frequency",
             "lora_rank",
             "eval_num_prompts",
+            "pretrain_batch_size",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -324,7 +365,7 @@ class TDPOConfig(DDPOConfig):
         for name in positive_floats:
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}")
-        non_negative = ("critic_value_clip_range", "critic_loss_coef", "sample_eta")
+        non_negative = ("critic_value_clip_range", "critic_loss_coef", "sample_eta", "pretrain_loss_coef", "kl_coef")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
@@ -367,6 +408,15 @@ class TDPOConfig(DDPOConfig):
             raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
         if self.use_critic:  # no network: a built-in name, a local folder or a well-formed Hub id
             check_model_reference(self.critic_encoder, "critic_encoder", CRITIC_ENCODER_NAMES)
+        if self.pretrain_loss_coef > 0 and not self.pretrain_dataset:
+            raise ValueError(
+                f"`pretrain_loss_coef` is {self.pretrain_loss_coef} but `pretrain_dataset` is empty; name the "
+                "image-caption data ('digits', 'imagefolder:<dir>' or a dataset id)"
+            )
+        if self.kl_coef > 0 and self.sample_eta == 0:
+            raise ValueError(
+                "`kl_coef` > 0 needs stochastic sampling (`sample_eta` > 0): with eta 0 the KL is infinite"
+            )
         if self.eval_freq < 0:
             raise ValueError(f"`eval_freq` must be >= 0 (0 turns held-out evaluation off), got {self.eval_freq}")
         if not self.lora_alpha > 0:

@@ -4,6 +4,7 @@ Zhang et al., "Confronting Reward Overoptimization for Diffusion Models: A Persp
 Biases", ICML 2024 (https://arxiv.org/abs/2402.08552). Built on TRL's `DDPOTrainer` (trl < 0.24).
 """
 
+import copy
 import math
 import os
 import time
@@ -14,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -40,6 +42,13 @@ from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
 from .optimization import OptimizerGroup, clip_and_step
 from .prompts import get_prompt_function
+from .regularizers import (
+    PretrainingData,
+    load_pretraining_dataset,
+    pretraining_inputs,
+    reference_policy,
+    transition_kl,
+)
 from .rewards import get_reward_function, reward_name, short_name
 from .tdpo_config import TDPOConfig
 from .trainer_callback import TDPOCallback, call_event, check_callbacks
@@ -185,6 +194,10 @@ class TDPOTrainer(DDPOTrainer):
                 f"`config.use_lora` is {config.use_lora} but the pipeline's `use_lora` is {self.sd_pipeline.use_lora}"
             )
         unet = self.sd_pipeline.get_trainable_layers()
+        # the KL's reference policy: the LoRA disabled, or (full-UNet training) a frozen copy of the base UNet
+        self._reference_unet = None
+        if config.kl_coef > 0 and not self.sd_pipeline.use_lora:
+            self._reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.optimizer = self._setup_optimizer([p for p in unet.parameters() if p.requires_grad])
@@ -235,6 +248,19 @@ class TDPOTrainer(DDPOTrainer):
             self.accelerator.register_for_checkpointing(StatTrackerState(self.stat_tracker))
         for callback in self.callbacks:
             self._checkpoint_callback_state(callback)
+        self.pretraining = None  # image-caption batches of the pretraining loss; their position is checkpointed
+        if config.pretrain_loss_coef > 0:
+            dataset = load_pretraining_dataset(config.pretrain_dataset, config.pretrain_dataset_split)
+            sd = self.sd_pipeline.sd_pipeline
+            self.pretraining = PretrainingData(
+                dataset,
+                config.pretrain_batch_size,
+                resolution=sd.unet.config.sample_size * sd.vae_scale_factor,
+                seed=config.seed,
+                image_column=config.pretrain_image_column,
+                caption_column=config.pretrain_caption_column,
+            )
+            self.accelerator.register_for_checkpointing(self.pretraining)
         if self._resume_checkpoint:
             self._resume(self._resume_checkpoint)
         self.first_epoch = self.progress.epoch
@@ -633,17 +659,26 @@ class TDPOTrainer(DDPOTrainer):
             else:
                 embeds = sample["prompt_embeds"]
             with self.accelerator.accumulate(*models):
-                loss, approx_kl, clipfrac = self.calculate_loss(
+                pretrain = None
+                if self.pretraining is not None:
+                    images, captions = self.pretraining.next_batch()
+                    pretrain = pretraining_inputs(
+                        self.sd_pipeline, images, captions, self.pretraining.generator, self.accelerator.device
+                    )
+                loss, approx_kl, clipfrac, terms = self.calculate_loss(
                     sample["latents"][:, j],
                     sample["timesteps"][:, j],
                     sample["next_latents"][:, j],
                     sample["log_probs"][:, j],
                     sample["advantages"][:, j],
                     embeds,
+                    pretrain_inputs=pretrain,
                 )
                 info["policy/loss"].append(loss.detach())
                 info["policy/approx_kl"].append(approx_kl.detach())
                 info["policy/clipfrac"].append(clipfrac.detach())
+                for name, value in terms.items():
+                    info[name].append(value.detach())
                 if self.critic is not None:
                     critic_loss, value_clipfrac = self.critic_loss(
                         sample["critic_features"][:, j], sample["values"][:, j], sample["returns"][:, j]
@@ -662,28 +697,56 @@ class TDPOTrainer(DDPOTrainer):
                 )
         return global_step
 
-    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
-        """PPO-clipped policy loss of one denoising step; as `DDPOTrainer.calculate_loss` but through the prepared
-        (all-reducing) UNet. `advantages` is `(B,)`. Returns `(loss, approx_kl, clipfrac)`."""
+    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds, pretrain_inputs=None):
+        """PPO-clipped policy loss of one denoising step, plus the regularizers that are on; as
+        `DDPOTrainer.calculate_loss` but through the prepared (all-reducing) UNet. `advantages` is `(B,)`.
+
+        `pretrain_inputs` = `(noisy_latents, timesteps, text_embeddings, target)` of a pretraining batch
+        (`regularizers.pretraining_inputs`), denoised in the same UNet call as the policy's minibatch (DDP allows one
+        forward per backward). Returns `(loss, approx_kl, clipfrac, terms)`; `loss` includes
+        `pretrain_loss_coef * terms["pretrain/loss"]` and `kl_coef * terms["policy/kl_ref"]` when those are on.
+        """
+        config = self.config
+        if config.train_cfg:  # (2B, ...): unconditional, then conditional
+            policy_inputs = [torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds]
+        else:
+            policy_inputs = [latents, timesteps, embeds]
+        inputs = policy_inputs
+        if pretrain_inputs is not None:
+            inputs = [torch.cat([a, b.to(a.dtype)]) for a, b in zip(policy_inputs, pretrain_inputs[:3])]
+        num_policy = len(policy_inputs[0])
         with self.autocast():
-            if self.config.train_cfg:
-                noise_pred = self.unet(torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds).sample
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + self.config.sample_guidance_scale * (
-                    noise_pred_text - noise_pred_uncond
-                )
-            else:
-                noise_pred = self.unet(latents, timesteps, embeds).sample
+            prediction = self.unet(*inputs).sample
+            noise_pred = self._guided(prediction[:num_policy])
             # log-prob of next_latents given latents under the current policy
             log_prob = self.sd_pipeline.scheduler_step(
-                noise_pred, timesteps, latents, eta=self.config.sample_eta, prev_sample=next_latents
+                noise_pred, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
             ).log_probs
         log_ratio = log_prob - log_probs
         ratio = torch.exp(log_ratio)
-        loss = self.loss(advantages, self.config.train_clip_range, ratio)
+        loss = self.loss(advantages, config.train_clip_range, ratio)
         approx_kl = 0.5 * torch.mean(log_ratio**2)
-        clipfrac = torch.mean((torch.abs(ratio - 1.0) > self.config.train_clip_range).float())
-        return loss, approx_kl, clipfrac
+        clipfrac = torch.mean((torch.abs(ratio - 1.0) > config.train_clip_range).float())
+        terms = {}
+        if pretrain_inputs is not None:
+            terms["pretrain/loss"] = F.mse_loss(prediction[num_policy:].float(), pretrain_inputs[3].float())
+            loss = loss + config.pretrain_loss_coef * terms["pretrain/loss"]
+        if config.kl_coef > 0:
+            unet = self.accelerator.unwrap_model(self.unet)
+            with torch.no_grad(), reference_policy(unet, self._reference_unet) as reference, self.autocast():
+                reference_pred = self._guided(reference(*policy_inputs).sample)
+            scheduler = self.sd_pipeline.scheduler
+            kl = transition_kl(scheduler, noise_pred, reference_pred, timesteps, latents, config.sample_eta)  # (B,)
+            terms["policy/kl_ref"] = kl.mean()
+            loss = loss + config.kl_coef * terms["policy/kl_ref"]
+        return loss, approx_kl, clipfrac, terms
+
+    def _guided(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance of a `(2B, ...)` prediction (unconditional, conditional) -> `(B, ...)`."""
+        if not self.config.train_cfg:
+            return prediction
+        uncond, cond = prediction.chunk(2)
+        return uncond + self.config.sample_guidance_scale * (cond - uncond)
 
     def critic_loss(self, features, old_values, returns):
         """Clipped value loss of one denoising step from cached features `(B, D)`. Returns `(loss, clipfrac)`."""

@@ -4,7 +4,7 @@ Trained on 2 CPU cores by `scripts/train_digits_base.py` from scikit-learn's dig
 so `tdpo-trl demo` runs TDPO-R end to end with no GPU and no download.
 """
 
-from .data import TEMPLATES, WORDS, label_of, load_digits, train_test_split
+from .data import TEMPLATES, WORDS, label_of, load_digits, pretraining_dataset, train_test_split
 from .judges import (
     DigitAccuracy,
     DigitInk,
@@ -30,6 +30,7 @@ __all__ = [
     "label_of",
     "load_digits",
     "load_digits_pipeline",
+    "pretraining_dataset",
     "prompted_accuracy",
     "shared_judges",
     "train_test_split",

@@ -59,3 +59,16 @@ def label_of(prompt: str) -> int:
         return -1
     token = match.group(1)
     return int(token) if token.isdigit() else WORDS.index(token)
+
+
+def pretraining_dataset(seed: int = 0, drop_probability: float = 0.1):
+    """The base model's training digits as a `datasets.Dataset` (`image`: 16x16 RGB uint8 arrays, `text`: a caption
+    naming the digit, empty with `drop_probability` as in training), for the pretraining-loss regularizer."""
+    from datasets import Dataset
+
+    images, labels = load_digits()
+    train_idx, _ = train_test_split(len(images))
+    rng = np.random.default_rng(seed)
+    pixels = ((images[train_idx] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    captions = [prompt_for(int(labels[i]), rng, drop_probability) for i in train_idx]
+    return Dataset.from_dict({"image": list(pixels), "text": captions})

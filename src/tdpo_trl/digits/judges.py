@@ -55,6 +55,21 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(gray))
 
 
+class DigitClassifierFeatures(nn.Module):
+    """Critic encoder `critic_encoder="digit_classifier"`: the frozen classifier's 64-d features of decoded images,
+    exactly what the ink reward's head reads (as the paper's critic reads the CLIP features of the aesthetic reward).
+    """
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.feature_dim = classifier.head.in_features
+        self.needs_pixels = True
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 64)
+        return self.classifier.features(grayscale(images))
+
+
 class InkRegressor(nn.Module):
     """An MLP on the frozen classifier's features predicting stroke mass (the aesthetic head's shape)."""
 

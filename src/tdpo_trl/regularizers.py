@@ -1,0 +1,166 @@
+"""Regularizers against reward over-optimization.
+
+- Pretraining loss (Zhang et al., "Large-scale Reinforcement Learning for Diffusion Models", 2024): every policy
+  update also takes the diffusion model's own denoising loss on a batch of image-caption pairs, through the same
+  LoRA, weighted by `pretrain_loss_coef`. It pulls the model back towards the data it was trained on.
+- KL to the reference policy: the per-step KL between the current and the base model's Gaussian DDIM transitions,
+  in closed form, weighted by `kl_coef`. The reference is the base UNet with the LoRA disabled (no second copy).
+"""
+
+import os
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from trl.models.modeling_sd_base import _get_variance, _left_broadcast
+
+
+class PretrainingData:
+    """Seeded batches of `(images, captions)` for the pretraining loss; its position travels with checkpoints.
+
+    Args:
+        dataset: a `datasets.Dataset` (map-style) with an image column (PIL images or arrays) and a caption column.
+        batch_size: image-caption pairs per batch.
+        resolution: images are resized to `resolution` x `resolution` and scaled to [-1, 1].
+        seed: seed of the data order (a new permutation per pass) and of the loss's noise and timesteps.
+    """
+
+    def __init__(
+        self, dataset, batch_size: int, resolution: int, seed: int = 0, image_column="image", caption_column="text"
+    ):
+        missing = {image_column, caption_column} - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"the pretraining dataset has columns {dataset.column_names}; {sorted(missing)} missing (set "
+                "`pretrain_image_column` / `pretrain_caption_column`)"
+            )
+        if len(dataset) < 1:
+            raise ValueError("the pretraining dataset is empty")
+        self.dataset, self.batch_size, self.resolution, self.seed = dataset, batch_size, resolution, seed
+        self.image_column, self.caption_column = image_column, caption_column
+        self.epoch, self.position = 0, 0  # pass over the data, and the next index in its permutation
+        self.generator = torch.Generator().manual_seed(seed)  # noise and timesteps of the loss
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
+
+    def next_batch(self) -> tuple[torch.Tensor, list[str]]:
+        """`(images (B, 3, R, R) in [-1, 1], captions)`, continuing where the last batch ended."""
+        indices = []
+        while len(indices) < self.batch_size:
+            order = self._order()
+            take = order[self.position : self.position + self.batch_size - len(indices)]
+            indices.extend(int(i) for i in take)
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        rows = self.dataset[indices]
+        images = torch.stack([self._to_tensor(image) for image in rows[self.image_column]])
+        return images, [str(caption) for caption in rows[self.caption_column]]
+
+    def _to_tensor(self, image: Any) -> torch.Tensor:
+        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)
+        tensor = torch.from_numpy(array).permute(2, 0, 1) / 255.0  # (3, H, W) in [0, 1]
+        if tensor.shape[1:] != (self.resolution, self.resolution):
+            tensor = F.interpolate(tensor[None], size=(self.resolution,) * 2, mode="bilinear", antialias=True)[0]
+        return tensor * 2 - 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(state["generator"])
+
+
+def load_pretraining_dataset(spec: str, split: str = "train"):
+    """A map-style `datasets.Dataset` of image-caption pairs: `"digits"` (the shipped model's training digits),
+    `"imagefolder:<dir>"` (images with a `metadata.jsonl` holding a `text` column), a folder written by
+    `Dataset.save_to_disk`, or a Hub id / local dataset."""
+    if spec == "digits":
+        from .digits import pretraining_dataset
+
+        return pretraining_dataset()
+    from datasets import load_dataset, load_from_disk
+
+    try:
+        if os.path.isfile(os.path.join(spec, "dataset_info.json")) or os.path.isfile(os.path.join(spec, "state.json")):
+            return load_from_disk(spec)
+        if spec.startswith("imagefolder:"):
+            return load_dataset("imagefolder", data_dir=spec.split(":", 1)[1], split=split)
+        return load_dataset(spec, split=split)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ValueError(
+            f"`pretrain_dataset` {spec!r} could not be loaded: expected 'digits', 'imagefolder:<dir>', or a dataset "
+            f"id or folder ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from err
+
+
+@torch.no_grad()
+def pretraining_inputs(pipeline, images: torch.Tensor, captions: list[str], generator: torch.Generator, device):
+    """What the diffusion model's own training loss needs for `images` `(B, 3, H, W)` in [-1, 1] and `captions`:
+    `(noisy_latents, timesteps, text_embeddings, target)`, noised at uniformly drawn training timesteps; the target is
+    the noise (or v, for v-prediction models). The UNet's MSE to `target` on these inputs is the pretraining loss."""
+    sd = pipeline.sd_pipeline
+    vae, scheduler = sd.vae, sd.scheduler
+    # the posterior mean: what the digits base was trained on; for Stable Diffusion's VAE its spread is negligible
+    latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    ids = sd.tokenizer(
+        captions, return_tensors="pt", padding="max_length", truncation=True, max_length=sd.tokenizer.model_max_length
+    ).input_ids.to(device)
+    embeds = sd.text_encoder(ids)[0]
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, timesteps, embeds, scheduler.get_velocity(latents, noise, timesteps)
+    return noisy, timesteps, embeds, noise
+
+
+def ddim_transition(
+    scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the Gaussian DDIM step x_t -> x_{t-1} (formulas 12 and 16 of the DDIM paper),
+    the quantities whose log-density `trl.models.modeling_sd_base.scheduler_step` returns. Shapes as `sample`."""
+    prev = torch.clamp(timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps, 0)
+    alpha = _left_broadcast(scheduler.alphas_cumprod.gather(0, timesteps.cpu()), sample.shape).to(sample.device)
+    alpha_prev = _left_broadcast(scheduler.alphas_cumprod.gather(0, prev.cpu()), sample.shape).to(sample.device)
+    if scheduler.config.prediction_type == "epsilon":
+        x0, epsilon = (sample - (1 - alpha) ** 0.5 * model_output) / alpha**0.5, model_output
+    elif scheduler.config.prediction_type == "v_prediction":
+        x0 = alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
+        epsilon = alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    std = eta * _get_variance(scheduler, timesteps, prev) ** 0.5
+    std = _left_broadcast(std, sample.shape).to(sample.device)
+    mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * epsilon
+    return mean, std
+
+
+def transition_kl(scheduler, output: torch.Tensor, reference_output: torch.Tensor, timesteps, sample, eta: float):
+    """KL(p_theta(x_{t-1} | x_t) || p_ref(x_{t-1} | x_t)) per sample `(B,)`, averaged over latent dimensions (as
+    DDPO averages log-probs). Both transitions share their standard deviation, so KL = (mu - mu_ref)^2 / (2 std^2)."""
+    mean, std = ddim_transition(scheduler, output, timesteps, sample, eta)
+    reference_mean, _ = ddim_transition(scheduler, reference_output, timesteps, sample, eta)
+    kl = (mean.float() - reference_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+@contextmanager
+def reference_policy(unet, reference_unet: Optional[torch.nn.Module] = None):
+    """The base model: `reference_unet` if given (full-UNet training keeps a frozen copy), else `unet` with its LoRA
+    adapters disabled for the duration of the block."""
+    if reference_unet is not None:
+        yield reference_unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()

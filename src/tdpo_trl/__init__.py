@@ -3,6 +3,7 @@
 __version__ = "0.1.0.dev0"
 
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
+from .guard import OverOptimizationGuard
 from .modeling_critic import CLIPImageFeatures, LatentFeatures, TimestepCritic, ValueHead
 from .neuron_reset import ActiveNeuronResetCallback
 from .pipeline import TDPOStableDiffusionPipeline
@@ -15,6 +16,7 @@ __all__ = [
     "ActiveNeuronResetCallback",
     "CLIPImageFeatures",
     "LatentFeatures",
+    "OverOptimizationGuard",
     "TDPOCallback",
     "TDPOConfig",
     "TDPOStableDiffusionPipeline",

@@ -52,12 +52,16 @@ Download the files with `huggingface-cli download {{ repo_id }} --local-dir {{ l
 {% for name, value in hyperparameters %}| `{{ name }}` | {{ value }} |
 {% endfor %}
 {% if metrics %}
-## Final metrics
+## Metrics
 
-| metric | value |
-| --- | --- |
-{% for name, value in metrics %}| `{{ name }}` | {{ value }} |
+| metric | first epoch | last epoch |
+| --- | --- | --- |
+{% for name, start, end in metrics %}| `{{ name }}` | {{ start }} | {{ end }} |
 {% endfor %}
+Rewards under `eval/` and `heldout/` were not trained on: they show what the gain in the target reward cost.
+{% endif %}
+{% if note %}
+**{{ note }}**
 {% endif %}
 Trained with tdpo-trl {{ version }} (TDPO-R on TRL's DDPO trainer).
 
@@ -113,6 +117,8 @@ def create_model_card(
     use_lora: bool,
     lora_config=None,
     final_metrics: Optional[dict] = None,
+    start_metrics: Optional[dict] = None,
+    note: Optional[str] = None,
     version: str = "",
 ) -> ModelCard:
     """A diffusers text-to-image card: metadata, a usage snippet, the reward, key hyperparameters, final metrics and
@@ -155,7 +161,13 @@ def create_model_card(
         f"with {algorithm} to maximize the reward {', '.join(f'`{r}`' for r in reward_names)}."
     )
     hyperparameters = [(name, _format(getattr(config, name))) for name in HYPERPARAMETERS if hasattr(config, name)]
-    metrics = [(name, _format(final_metrics[name])) for name in METRICS if final_metrics and name in final_metrics]
+    final_metrics, start_metrics = final_metrics or {}, start_metrics or {}
+    judged = sorted(k for k in final_metrics if k.startswith(("eval/", "heldout/")) and k.endswith("/mean"))
+    metrics = [
+        (name, _format(start_metrics.get(name, "")), _format(final_metrics[name]))
+        for name in (*METRICS, *judged)
+        if name in final_metrics
+    ]
     return ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -169,6 +181,7 @@ def create_model_card(
         trained=trained,
         hyperparameters=hyperparameters,
         metrics=metrics,
+        note=note,
         version=version,
         citations=CITATIONS,
     )

@@ -4,6 +4,7 @@ Zhang et al., "Confronting Reward Overoptimization for Diffusion Models: A Persp
 Biases", ICML 2024 (https://arxiv.org/abs/2402.08552). Built on TRL's `DDPOTrainer` (trl < 0.24).
 """
 
+import contextlib
 import copy
 import math
 import os
@@ -36,6 +37,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .evaluation import mean_std, sample_images, save_image_grid, score_images
+from .guard import OverOptimizationGuard
 from .hub import check_repo_id, push_folder
 from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
@@ -142,6 +144,7 @@ class TDPOTrainer(DDPOTrainer):
         self.image_samples_callback = image_samples_hook
         self.num_train_timesteps = config.num_train_timesteps
         self.progress = TrainingProgress()
+        self.should_stop = False  # a callback (e.g. OverOptimizationGuard) sets it to end `train` after this epoch
         self.log_history: list[dict[str, float]] = self.progress.log_history  # one record per epoch, checkpointed
         self.callbacks = check_callbacks(callbacks)
         if eval_reward_functions is None:
@@ -353,13 +356,18 @@ class TDPOTrainer(DDPOTrainer):
             structure["critic_activation"] = head.activation
         return structure
 
-    def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The trained tensors (policy and critic weights, optimizer moments) that checkpoints and saves hold."""
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """`(name, parameter)` of every trained weight: the LoRA (or UNet) and the critic head."""
         named = [(f"unet.{n}", p) for n, p in self.accelerator.unwrap_model(self.unet).named_parameters()]
         named = [(n, p) for n, p in named if p.requires_grad]
         if self.critic is not None:
             head = self.accelerator.unwrap_model(self.critic_head)
             named += [(f"critic_head.{n}", p) for n, p in head.named_parameters()]
+        return named
+
+    def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The trained tensors (weights and optimizer moments) that checkpoints and saves hold."""
+        named = list(self.trained_parameters())
         for group in self._optimizer_groups:
             for i, state in enumerate(group.optimizer.state.values()):
                 named += [(f"{group.name}_optimizer.state.{i}.{k}", v) for k, v in state.items() if torch.is_tensor(v)]
@@ -779,7 +787,9 @@ class TDPOTrainer(DDPOTrainer):
             reward_names=self.reward_names(),
             use_lora=self.sd_pipeline.use_lora,
             lora_config=lora_config,
+            start_metrics=self.log_history[0] if self.log_history else None,
             final_metrics=self.log_history[-1] if self.log_history else None,
+            note=self._guard().explanation() if self._guard() else None,
             version=__version__,
         )
 
@@ -801,22 +811,27 @@ class TDPOTrainer(DDPOTrainer):
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; give a folder")
-        check_finite_weights(self._named_weights(), "the trained weights", save_directory)
-        if self.accelerator.is_main_process:
-            os.makedirs(save_directory, exist_ok=True)
-            unet = self.accelerator.unwrap_model(self.unet)
-            saving.save_policy(self.sd_pipeline, unet, save_directory)
-            if self.critic is not None:
-                head = self.accelerator.unwrap_model(self.critic_head)
-                saving.save_critic_head(head, save_directory, encoder=self.config.critic_encoder)
-            saving.save_training_config(self.config, save_directory)
-            if merged_pipeline:
-                saving.save_merged_pipeline(self.sd_pipeline, unet, save_directory)
-            self.create_model_card(base_model=base_model, repo_id=repo_id).save(
-                os.path.join(save_directory, "README.md")
-            )
-        self.accelerator.wait_for_everyone()
+        guard = self._guard()
+        with guard.kept_weights_applied(self) if guard else contextlib.nullcontext():  # the guard's pick, if any
+            check_finite_weights(self._named_weights(), "the trained weights", save_directory)
+            if self.accelerator.is_main_process:
+                os.makedirs(save_directory, exist_ok=True)
+                unet = self.accelerator.unwrap_model(self.unet)
+                saving.save_policy(self.sd_pipeline, unet, save_directory)
+                if self.critic is not None:
+                    head = self.accelerator.unwrap_model(self.critic_head)
+                    saving.save_critic_head(head, save_directory, encoder=self.config.critic_encoder)
+                saving.save_training_config(self.config, save_directory)
+                if merged_pipeline:
+                    saving.save_merged_pipeline(self.sd_pipeline, unet, save_directory)
+                self.create_model_card(base_model=base_model, repo_id=repo_id).save(
+                    os.path.join(save_directory, "README.md")
+                )
+            self.accelerator.wait_for_everyone()
         return save_directory
+
+    def _guard(self) -> Optional[OverOptimizationGuard]:
+        return next((c for c in self.callbacks if isinstance(c, OverOptimizationGuard)), None)
 
     def push_to_hub(
         self,
@@ -870,5 +885,8 @@ class TDPOTrainer(DDPOTrainer):
         for epoch in bar:
             global_step = self.step(epoch, global_step)
             bar.set_postfix(reward=f"{self.log_history[-1]['reward/mean']:.4f}")
+            if self.should_stop:
+                logger.warning(f"training stopped by a callback after epoch {epoch}")
+                break
         call_event(self.callbacks, "on_train_end", self, epoch=self.progress.epoch, global_step=global_step)
         self.accelerator.end_training()

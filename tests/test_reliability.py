@@ -415,7 +415,7 @@ def test_bf16_trains(tmp_path, use_critic, fresh_accelerator_state):
     "value, message",
     [
         ("latent", r"`critic_encoder` 'latent' is no local folder and looks like a typo; did you mean 'latents'\?"),
-        ("a/b/c", r"`critic_encoder` 'a/b/c' is neither one of \['latents'\], a local folder .* nor a valid Hugging Face Hub model id"),
+        ("a/b/c", r"`critic_encoder` 'a/b/c' is neither one of \['latents', 'digit_classifier'\], a local folder .* nor a valid Hugging Face Hub model id"),
         ("bad id!", "is neither one of"),
         ("", "`critic_encoder` must be a model id or a local folder, got ''"),
     ],

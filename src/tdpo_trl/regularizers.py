@@ -42,9 +42,13 @@ class PretrainingData:
         self.image_column, self.caption_column = image_column, caption_column
         self.epoch, self.position = 0, 0  # pass over the data, and the next index in its permutation
         self.generator = torch.Generator().manual_seed(seed)  # noise and timesteps of the loss
+        self._order_of = (None, None)  # (pass, its permutation): drawn once per pass, not per batch
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
+        if self._order_of[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order_of = (self.epoch, rng.permutation(len(self.dataset)))
+        return self._order_of[1]
 
     def next_batch(self) -> tuple[torch.Tensor, list[str]]:
         """`(images (B, 3, R, R) in [-1, 1], captions)`, continuing where the last batch ended."""

@@ -572,8 +572,8 @@ class TDPOTrainer(DDPOTrainer):
                 )
         trained = time.perf_counter()
 
+        stats.update(self._skipped_step_stats(train_info, epoch))  # takes the grad norms out of `train_info`
         stats.update(self._reduce_info(train_info))
-        stats.update(self._skipped_step_stats(train_info, epoch))
         if config.eval_freq and (epoch + 1) % config.eval_freq == 0:  # the model as this epoch leaves it
             stats.update(self.evaluate_heldout(epoch))
         evaluated = time.perf_counter()
@@ -609,8 +609,8 @@ class TDPOTrainer(DDPOTrainer):
             self.accelerator, self.checkpoint_dir, index, self.checkpoint_limit, structure=self.model_structure()
         )
 
-    def _reduce_info(self, info: dict[str, list]) -> dict[str, float]:
-        means = {k: torch.stack(v).mean() for k, v in info.items() if v and isinstance(v[0], torch.Tensor)}
+    def _reduce_info(self, info: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        means = {k: torch.stack(v).mean() for k, v in info.items()}
         return {k: v.item() for k, v in self.accelerator.reduce(means, reduction="mean").items()}
 
     def _skipped_step_stats(self, info: dict[str, list], epoch: int) -> dict[str, float]:
@@ -618,7 +618,7 @@ class TDPOTrainer(DDPOTrainer):
         or infinite). Gradients are all-reduced before their norm is taken, so every process counts the same."""
         stats = {}
         for name in ("policy", "critic"):
-            norms = info.get(f"{name}/_grad_norms")
+            norms = info.pop(f"{name}/_grad_norms", None)  # floats, one per optimizer step
             if not norms:
                 continue
             finite = [n for n in norms if math.isfinite(n)]
@@ -780,6 +780,7 @@ class TDPOTrainer(DDPOTrainer):
 
         unet = self.accelerator.unwrap_model(self.unet)
         lora_config = unet.peft_config.get("default") if getattr(unet, "peft_config", None) else None
+        guard = self._guard()
         return create_model_card(
             config=self.config,
             base_model=base_model or self.base_model_id(),
@@ -789,7 +790,7 @@ class TDPOTrainer(DDPOTrainer):
             lora_config=lora_config,
             start_metrics=self.log_history[0] if self.log_history else None,
             final_metrics=self.log_history[-1] if self.log_history else None,
-            note=self._guard().explanation() if self._guard() else None,
+            note=guard.explanation() if guard else None,
             version=__version__,
         )
 
@@ -813,7 +814,7 @@ class TDPOTrainer(DDPOTrainer):
             raise ValueError(f"`save_directory` {save_directory!r} is a file; give a folder")
         guard = self._guard()
         with guard.kept_weights_applied(self) if guard else contextlib.nullcontext():  # the guard's pick, if any
-            check_finite_weights(self._named_weights(), "the trained weights", save_directory)
+            check_finite_weights(self.trained_parameters(), "the trained weights", save_directory)
             if self.accelerator.is_main_process:
                 os.makedirs(save_directory, exist_ok=True)
                 unet = self.accelerator.unwrap_model(self.unet)

@@ -53,7 +53,7 @@ def check_reward_output(result: Any, batch_size: int, name: str = "reward functi
     if isinstance(rewards, (int, float, bool, str)) or rewards is None:  # e.g. a bare list [r0, r1]
         raise ValueError(f"{name} returned {describe(result)}; {REWARD_CONTRACT}, e.g. `return rewards, {{}}`")
     try:
-        array = rewards.detach().float().cpu() if isinstance(rewards, torch.Tensor) else torch.as_tensor(rewards)
+        array = rewards.detach() if isinstance(rewards, torch.Tensor) else torch.as_tensor(rewards)  # device kept
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{name} returned rewards {describe(rewards)}, which are not numbers ({err}); "
                          f"{REWARD_CONTRACT}") from None  # fmt: skip

@@ -23,6 +23,12 @@ def test_subclasses_ddpo_config_with_paper_defaults():
     assert config.gamma == 1.0
     assert config.normalize_temporal_advantages is True
     assert config.critic_encoder == "openai/clip-vit-large-patch14"
+    # per-prompt reward statistics (buffer 32, min count 16) and one scored step per sample, as the official code
+    assert config.per_prompt_stat_tracking is True
+    assert (config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count) == (32, 16)
+    assert config.neuron_reset_scoring == "one_step_per_sample"
+    assert TDPOConfig(use_critic=False).per_prompt_stat_tracking is False  # DDPO's own default
+    assert TDPOConfig(per_prompt_stat_tracking=False).per_prompt_stat_tracking is False
 
 
 def test_advantage_clipping_defaults_to_off_for_tdpo_and_5_for_ddpo():
@@ -87,6 +93,8 @@ def test_every_field_has_help_and_a_docstring_entry():
         ({"neuron_reset_target": "random"}, r"`neuron_reset_target` must be one of .* got 'random'"),
         ({"neuron_reset_frequency": 0}, r"`neuron_reset_frequency` must be >= 1, got 0"),
         ({"neuron_reset_threshold": -0.5}, r"`neuron_reset_threshold` must be a finite number >= 0, got -0.5"),
+        ({"neuron_reset_scoring": "some"}, r"`neuron_reset_scoring` must be one of .* got 'some'"),
+        ({"per_prompt_stat_tracking_buffer_size": 0}, r"`per_prompt_stat_tracking_buffer_size` must be >= 1, got 0"),
         ({"neuron_reset_scoring_size": 0}, r"`neuron_reset_scoring_size` must be None or >= 1, got 0"),
         ({"tracker_kwargs": "{not json"}, r"`tracker_kwargs`: expected a JSON object, got '\{not json'"),
         ({"project_kwargs": "[1, 2]"}, r"`project_kwargs`: expected a JSON object, got '\[1, 2\]'"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tdpo_trl.cli import main as cli_main
 from tdpo_trl.digits import eval_prompts, load_digits_pipeline
@@ -37,7 +38,7 @@ def test_demo_writes_every_output(demo_run):
     output_dir, stdout = demo_run
     expected = ["lora/pytorch_lora_weights.safetensors", "lora/README.md", "metrics.jsonl", "before_after.png",
                 "cross_reward.png", "summary.json", "checkpoints/checkpoint_0",
-                "checkpoints/checkpoint_1"]  # fmt: skip
+                "checkpoints/checkpoint_1", "unregularized/lora/pytorch_lora_weights.safetensors"]  # fmt: skip
     for name in expected:
         assert (output_dir / name).exists(), name
     assert list((output_dir / "tensorboard").glob("**/events.out.tfevents.*"))
@@ -68,10 +69,17 @@ def test_demo_metrics_are_finite_and_consistent(demo_run):
     assert [e.value for e in logged] == pytest.approx([r["reward/mean"] for r in records], rel=1e-6)
 
     summary = json.loads((output_dir / "summary.json").read_text())
-    assert summary["epochs"] == 2 and summary["mode"] == "TDPO-R" and summary["fixed_samples"] == 20
-    for when in ("before", "after"):
+    assert summary["epochs"] == 2 and summary["fixed_samples"] == 20
+    assert summary["mode"].startswith("TDPO-R + pretraining loss")
+    assert summary["unregularized_mode"] == "TDPO-R"
+    for when in ("before", "after", "unregularized"):
         assert all(math.isfinite(v) for v in summary[when].values())
         assert 0.0 <= summary[when]["accuracy"] <= 1.0
+        assert 0.0 <= summary[when]["independent_accuracy"] <= 1.0
+    assert all("pretrain/loss" in r for r in records)
+    # the contrast: the same budget without the regularizers, in its own folder
+    contrast = [json.loads(line) for line in (output_dir / "unregularized" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in contrast] == [0, 1] and not any("pretrain/loss" in r for r in contrast)
 
 
 def test_demo_lora_reproduces_the_reported_after_scores(demo_run):
@@ -86,6 +94,25 @@ def test_demo_lora_reproduces_the_reported_after_scores(demo_run):
     _, after = demo.judge_fixed_samples(pipeline, config, prompts)
     assert before == pytest.approx(summary["before"], abs=1e-4)
     assert after == pytest.approx(summary["after"], abs=1e-4)
+    contrast = load_digits_pipeline()
+    contrast.load_lora_weights(str(output_dir / "unregularized" / "lora"))
+    assert demo.judge_fixed_samples(contrast, config, prompts)[1] == pytest.approx(summary["unregularized"], abs=1e-4)
+
+
+def test_the_cross_reward_figure_draws_one_curve_per_run(tmp_path):
+    history = [{"reward/mean": 0.3 + 0.01 * i, "eval/digit_accuracy/mean": 1.0 - 0.01 * i,
+                "eval/digit_realism/mean": 1.5} for i in range(8)]  # fmt: skip
+    figure = demo.plot_epoch_cross_reward({"regularized": history, "unregularized": history}, tmp_path / "c.png")
+    for ax in figure.axes[:2]:
+        assert [line.get_label() for line in ax.get_lines()] == ["regularized", "unregularized"]
+    panels = {name: torch.rand(20, 3, 16, 16) for name in ("before", "after", "unregularized")}
+    scores = {name: {"stroke_mass": 0.3, "accuracy": 1.0, "realism": 1.5} for name in panels}
+    figure = demo.plot_before_after(panels, scores, tmp_path / "b.png")
+    assert [ax.get_title().split("\n")[0] for ax in figure.axes] == [
+        "before",
+        "after",
+        "after, without the regularizers",
+    ]
 
 
 def test_demo_refuses_a_used_output_dir_and_keeps_its_files(demo_run):

@@ -279,3 +279,20 @@ def test_state_dict_round_trip_continues_the_random_stream():
     restored.load_state_dict(callback.state_dict())
     assert restored.reset_count == 4
     assert torch.equal(torch.rand(3, generator=restored.generator()), torch.rand(3, generator=callback.generator()))
+
+
+def test_one_step_per_sample_scores_one_feature_row_per_sample():
+    callback = ActiveNeuronResetCallback(seed=0)  # the default, as the official code: one random step per sample
+    features = torch.arange(5 * 3 * 2, dtype=torch.float32).view(5, 3, 2)  # (n=5, T=3, D=2)
+    trainer = fake_trainer(constructed_head())
+    scored = callback.scored_features(trainer, features)
+    assert scored.shape == (5, 2)
+    for i, row in enumerate(scored):  # each row is sample i's features at one of its own steps
+        assert any(torch.equal(row, features[i, t]) for t in range(3))
+    all_steps = ActiveNeuronResetCallback(scoring="all_steps").scored_features(trainer, features)
+    assert torch.equal(all_steps, features.flatten(0, 1))
+
+
+def test_an_unknown_scoring_mode_is_named():
+    with pytest.raises(ValueError, match=r"`scoring` must be one of .* got 'some'"):
+        ActiveNeuronResetCallback(scoring="some")

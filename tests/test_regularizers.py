@@ -203,6 +203,10 @@ def test_the_digits_pretraining_dataset():
         (dict(pretrain_loss_coef=-1.0), "`pretrain_loss_coef` must be >= 0, got -1.0"),
         (dict(kl_coef=0.1, sample_eta=0.0), r"`kl_coef` > 0 needs stochastic sampling \(`sample_eta` > 0\)"),
         (dict(pretrain_batch_size=0), "`pretrain_batch_size` must be >= 1, got 0"),
+        (
+            dict(kl_coef=0.1, kl_penalty="advantage"),
+            r"`kl_penalty` must be one of \('loss', 'reward'\), got 'advantage'",
+        ),
     ],
 )
 def test_bad_regularizer_settings_are_named(tmp_path, overrides, message):
@@ -213,3 +217,49 @@ def test_bad_regularizer_settings_are_named(tmp_path, overrides, message):
 def test_an_unknown_pretraining_dataset_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="`pretrain_dataset` '.*nowhere' could not be loaded"):
         load_pretraining_dataset(str(tmp_path / "nowhere"))
+
+
+def test_per_step_rewards_enter_the_returns():
+    from tdpo_trl.advantages import discounted_returns
+
+    final = torch.tensor([1.0, -2.0])
+    steps = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.0, -1.0]])
+    returns = discounted_returns(final, 3, gamma=0.5, step_rewards=steps)
+    # G_2 = r + s_2, G_1 = s_1 + 0.5 G_2, G_0 = s_0 + 0.5 G_1
+    expected = torch.tensor([[0.1 + 0.5 * (0.2 + 0.5 * 1.3), 0.2 + 0.5 * 1.3, 1.3], [-0.75, -1.5, -3.0]])
+    torch.testing.assert_close(returns, expected)
+    torch.testing.assert_close(discounted_returns(final, 3, 0.5, torch.zeros(2, 3)), discounted_returns(final, 3, 0.5))
+
+
+@pytest.mark.parametrize("use_critic", [True, False])
+def test_kl_as_a_per_step_reward_penalty(tmp_path, use_critic):
+    config = tiny_config(tmp_path, num_epochs=2, kl_coef=0.5, kl_penalty="reward", train_learning_rate=1e-2,
+                         use_critic=use_critic)  # fmt: skip
+    trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, new_pipeline())
+    computed = []
+    original = trainer._compute_advantages
+
+    def spy(samples, normalized):
+        kl = samples["kl_ref"].clone()
+        stats = original(samples, normalized)
+        computed.append((kl, torch.as_tensor(normalized), samples["advantages"].clone(), samples.get("returns")))
+        return stats
+
+    trainer._compute_advantages = spy
+    trainer.train()
+    (kl_first, _, _, _), (kl, rewards, advantages, returns) = computed
+    assert torch.all(kl_first == 0)  # the LoRA starts as the identity: no penalty in the first epoch
+    assert kl.shape == advantages.shape and torch.all(kl >= 0) and kl.sum() > 0
+    penalized = discounted_returns_of(rewards, kl, config)
+    if use_critic:
+        torch.testing.assert_close(returns, penalized)  # the critic learns the penalized returns
+    else:
+        torch.testing.assert_close(advantages, penalized.clamp(-5, 5))  # DDPO: the penalized return of each step
+    assert trainer.log_history[-1]["policy/kl_ref"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert "policy/kl_ref" in trainer.log_history[0]
+
+
+def discounted_returns_of(rewards, kl, config):
+    from tdpo_trl.advantages import discounted_returns
+
+    return discounted_returns(rewards.float(), kl.shape[1], config.gamma, -config.kl_coef * kl)

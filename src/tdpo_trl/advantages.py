@@ -3,21 +3,36 @@
 Shapes: N samples, T denoising steps (in sampling order: index 0 is the noisiest step).
 """
 
+from typing import Optional
+
 import torch
 
 
-def discounted_returns(final_rewards: torch.Tensor, num_steps: int, gamma: float = 1.0) -> torch.Tensor:
-    """Returns G_t of a trajectory whose only reward arrives after its last step.
+def discounted_returns(
+    final_rewards: torch.Tensor, num_steps: int, gamma: float = 1.0, step_rewards: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Returns G_t of trajectories rewarded `final_rewards` after their last step, plus optional per-step rewards.
 
-    G_{T-1} = r and G_t = gamma * G_{t+1}, so G_t = gamma^(T-1-t) * r.
+    G_{T-1} = r + s_{T-1} and G_t = s_t + gamma * G_{t+1}; without `step_rewards` (s = 0), G_t = gamma^(T-1-t) * r.
 
     Args:
         final_rewards: `(N,)` reward of each sample's final image.
+        step_rewards: `(N, T)` reward of each denoising step (e.g. a KL penalty), or `None`.
     Returns:
         `(N, T)` returns.
     """
     exponents = torch.arange(num_steps - 1, -1, -1, device=final_rewards.device, dtype=final_rewards.dtype)
-    return final_rewards[:, None] * gamma ** exponents[None, :]
+    returns = final_rewards[:, None] * gamma ** exponents[None, :]
+    if step_rewards is None:
+        return returns
+    if step_rewards.shape != returns.shape:
+        raise ValueError(f"step_rewards {tuple(step_rewards.shape)} must be (N, T) = {tuple(returns.shape)}")
+    discounted_sum = torch.zeros_like(final_rewards)
+    step_returns = []
+    for t in reversed(range(num_steps)):
+        discounted_sum = step_rewards[:, t] + gamma * discounted_sum
+        step_returns.append(discounted_sum)
+    return returns + torch.stack(step_returns[::-1], dim=1)
 
 
 def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

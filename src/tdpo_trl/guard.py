@@ -66,20 +66,30 @@ class OverOptimizationGuard(TDPOCallback):
             drops[name] = change if name in self.lower_is_better else -change
         return drops
 
-    def on_epoch_end(self, trainer, *, epoch: int, metrics: dict, **kwargs):
-        if "heldout/target/mean" not in metrics:
-            return
+    def assess(self, epoch: int, metrics: dict) -> tuple[bool, bool]:
+        """Judge one held-out evaluation (`heldout/<name>/mean` metrics) against the start; no weights involved, so
+        a recorded history can be replayed. Returns `(flagged, keep)`: whether it is flagged, and whether it is the
+        new best unflagged evaluation (recorded as `kept_epoch`)."""
         target, drops = metrics["heldout/target/mean"], self.drops(metrics)
         flagged = target > self.start["target"] and any(drops[n] > self.tolerances[n] for n in drops)
         if flagged and self.flagged is None:
             self.flagged = {"epoch": epoch, "target": target, "drops": drops}
-            if self.action == "stop":
-                trainer.should_stop = True
-        if not flagged and target > self.kept_target:
-            self._keep(trainer, epoch, target)
+        keep = not flagged and target > self.kept_target
+        if keep:
+            self.kept_epoch, self.kept_target = epoch, target
         metrics["guard/flagged"] = int(flagged)
         metrics["guard/kept_epoch"] = self.kept_epoch
         metrics.update({f"guard/{name}/drop": drop for name, drop in drops.items()})
+        return flagged, keep
+
+    def on_epoch_end(self, trainer, *, epoch: int, metrics: dict, **kwargs):
+        if "heldout/target/mean" not in metrics:
+            return
+        flagged, keep = self.assess(epoch, metrics)
+        if flagged and self.action == "stop":
+            trainer.should_stop = True
+        if keep:
+            self._keep(trainer, epoch, metrics["heldout/target/mean"])
 
     def _keep(self, trainer, epoch: int, target: float):
         self.kept_epoch, self.kept_target = epoch, target

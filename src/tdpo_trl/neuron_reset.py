@@ -18,6 +18,7 @@ from .trainer_callback import TDPOCallback
 
 
 RESET_TARGETS = ("active", "dormant", "all", "none")
+SCORING_MODES = ("one_step_per_sample", "all_steps")
 _PASSTHROUGH = (nn.Dropout, nn.Identity)
 
 
@@ -163,7 +164,9 @@ class ActiveNeuronResetCallback(TDPOCallback):
         frequency: reset after every `frequency`-th epoch, `(epoch + 1) % frequency == 0`.
         threshold: dormant when the normalized score is `<= threshold`.
         target: `"active"` (TDPO-R), `"dormant"` (ReDo), `"all"`, or `"none"` (statistics only).
-        scoring_size: features per process scored each epoch (random subset); `None` scores all.
+        scoring: which of the epoch's cached features `(n, T, D)` are scored: `"one_step_per_sample"` (each
+            sample's features at one random step, `(n, D)`, as many as the official code scores) or `"all_steps"`.
+        scoring_size: at most this many of them per process (random subset); `None`: no cap.
         schedule: `schedule(epoch) -> bool` to decide resets instead of `frequency`.
         seed: seed of the reset generator; `None` takes `trainer.config.seed`.
         init_std: std of re-drawn weights; `None` takes the head's `init_std` (the paper's N(0, 1/(d+1))) or,
@@ -180,6 +183,7 @@ class ActiveNeuronResetCallback(TDPOCallback):
         frequency: int = 10,
         threshold: float = 0.0,
         target: str = "active",
+        scoring: str = "one_step_per_sample",
         scoring_size: Optional[int] = None,
         schedule: Optional[Callable[[int], bool]] = None,
         seed: Optional[int] = None,
@@ -191,10 +195,13 @@ class ActiveNeuronResetCallback(TDPOCallback):
             raise ValueError(f"`threshold` must be a finite number >= 0, got {threshold!r}")
         if target not in RESET_TARGETS:
             raise ValueError(f"`target` must be one of {RESET_TARGETS}, got {target!r}")
+        if scoring not in SCORING_MODES:
+            raise ValueError(f"`scoring` must be one of {SCORING_MODES}, got {scoring!r}")
         if scoring_size is not None and scoring_size < 1:
             raise ValueError(f"`scoring_size` must be None or >= 1, got {scoring_size!r}")
         self.frequency, self.threshold, self.target = frequency, float(threshold), target
-        self.scoring_size, self.schedule, self.seed, self.init_std = scoring_size, schedule, seed, init_std
+        self.scoring, self.scoring_size, self.schedule = scoring, scoring_size, schedule
+        self.seed, self.init_std = seed, init_std
         self.reset_count = 0
         self.dormant_masks: Optional[list[torch.Tensor]] = None  # from the latest measurement
         self._generator: Optional[torch.Generator] = None
@@ -205,6 +212,7 @@ class ActiveNeuronResetCallback(TDPOCallback):
             frequency=config.neuron_reset_frequency,
             threshold=config.neuron_reset_threshold,
             target=config.neuron_reset_target,
+            scoring=config.neuron_reset_scoring,
             scoring_size=config.neuron_reset_scoring_size,
             seed=config.seed,
         )
@@ -226,6 +234,14 @@ class ActiveNeuronResetCallback(TDPOCallback):
             raise ValueError("ActiveNeuronResetCallback needs a critic, but the trainer runs in DDPO mode (no critic)")
         hidden_layers(trainer.accelerator.unwrap_model(trainer.critic_head))  # fail early on an unsupported head
 
+    def scored_features(self, trainer, features: torch.Tensor) -> torch.Tensor:
+        """The rows of the epoch's cached features `(n, T, D)` that are scored, `(m, D)`."""
+        if self.scoring == "all_steps":
+            return features.flatten(0, 1)  # (n, T, D) -> (n * T, D)
+        steps = torch.randint(features.shape[1], (len(features),), generator=self.generator(trainer))
+        rows = torch.arange(len(features), device=features.device)
+        return features[rows, steps.to(features.device)]  # (n, D)
+
     def measure(self, trainer, features: torch.Tensor) -> list[torch.Tensor]:
         """Dormant masks (one bool `(width,)` per hidden layer) from this process's `features` `(n, D)`, with the
         activation sums reduced across processes."""
@@ -241,8 +257,7 @@ class ActiveNeuronResetCallback(TDPOCallback):
         return [scores <= self.threshold for scores in neuron_scores(list(means))]
 
     def on_epoch_end(self, trainer, *, epoch: int, samples: dict, metrics: dict, **kwargs):
-        features = samples["critic_features"].flatten(0, 1)  # (n, T, D) -> (n * T, D)
-        dormant = self.measure(trainer, features)
+        dormant = self.measure(trainer, self.scored_features(trainer, samples["critic_features"]))
         metrics.update(self.statistics(dormant, self.dormant_masks))
         self.dormant_masks = [mask.cpu() for mask in dormant]
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
+from .digits.independent_judge import DigitAccuracyIndependent
 from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
 from .modeling_critic import CLIPImageFeatures, ValueHead
 
@@ -250,6 +251,7 @@ REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "digit_realism": DigitRealism,
     "digit_nearest_real": DigitNearestReal,
     "digit_stroke_mass": DigitStrokeMass,
+    "digit_accuracy_independent": DigitAccuracyIndependent,  # scikit-learn; shares nothing with the others
 }
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 from trl import DDPOConfig
 
 from .loading import check_model_reference
+from .neuron_reset import SCORING_MODES
 
 
 class JSONDict(dict):
@@ -33,6 +34,7 @@ _DICT_FIELDS = ("tracker_kwargs", "accelerator_kwargs", "project_kwargs")
 _CRITIC_ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
 _RESET_TARGETS = ("active", "dormant", "all", "none")
 _LORA_INITS = ("gaussian", "default")
+KL_PENALTY_MODES = ("loss", "reward")
 # built-in critic encoders; anything else names a CLIP vision folder or Hub id
 CRITIC_ENCODER_NAMES = ("latents", "digit_classifier")
 
@@ -157,6 +159,10 @@ class TDPOConfig(DDPOConfig):
             Weight of the per-step KL between the current and the base model's DDIM transitions (closed form; the
             base is the UNet with its LoRA disabled, or a frozen copy for full-UNet training), added to the loss.
             Logged as `policy/kl_ref`.
+        kl_penalty (`str`, *optional*, defaults to `"loss"`):
+            Where the KL goes: `"loss"` adds `kl_coef` x KL to the policy loss (as Flow-GRPO); `"reward"` subtracts
+            `kl_coef` x KL_t from the reward of every denoising step t (as the official TDPO code), computed once
+            after sampling, so the returns, the critic's targets and the advantages carry it.
 
         > Parameters that control the critic's neuron reset (the "R" of TDPO-R)
 
@@ -171,9 +177,19 @@ class TDPOConfig(DDPOConfig):
         neuron_reset_target (`str`, *optional*, defaults to `"active"`):
             Which neurons a reset re-initializes: `"active"` (TDPO-R), `"dormant"` (ReDo), `"all"`, or `"none"`
             (measure and log the statistics, never reset).
+        neuron_reset_scoring (`str`, *optional*, defaults to `"one_step_per_sample"`):
+            Which cached critic features are scored each epoch: `"one_step_per_sample"` (each sample's features at
+            one random denoising step, as many as the official code scores) or `"all_steps"` (every (sample, step)).
         neuron_reset_scoring_size (`int` or `None`, *optional*, defaults to `None`):
-            How many cached critic features per process are scored each epoch (a seeded random subset of the
-            epoch's (sample, step) entries). `None` scores all of them.
+            At most this many of those features per process (a seeded random subset). `None`: no cap.
+
+        > Parameters whose DDPO defaults follow the TDPO-R paper
+
+        per_prompt_stat_tracking (`bool` or `None`, *optional*, defaults to `None`):
+            Normalize rewards per prompt (DDPO's tracker). `None` means on in TDPO mode (as the paper) and off in DDPO
+            mode (DDPO's default).
+        per_prompt_stat_tracking_buffer_size (`int`, *optional*, defaults to `32`):
+            Rewards kept per prompt (the paper's 32; DDPO's default is 16).
     """
 
     # Dict-valued DDPO fields, re-typed so that they accept JSON strings on the command line.
@@ -297,7 +313,15 @@ class TDPOConfig(DDPOConfig):
     pretrain_batch_size: int = field(default=16, metadata={"help": "Image-caption pairs per policy update."})
     kl_coef: float = field(
         default=0.0,
-        metadata={"help": "Weight of the per-step KL to the base model's DDIM transitions in the loss; 0: off."},
+        metadata={"help": "Weight of the per-step KL to the base model's DDIM transitions; 0: off."},
+    )
+    kl_penalty: str = field(
+        default="loss",
+        metadata={
+            "help": "'loss': kl_coef * KL added to the policy loss; 'reward': kl_coef * KL_t subtracted from the "
+            "reward of every denoising step (computed after sampling).",
+            "choices": list(KL_PENALTY_MODES),
+        },
     )
 
     neuron_reset: Optional[bool] = field(
@@ -320,9 +344,24 @@ class TDPOConfig(DDPOConfig):
             "choices": list(_RESET_TARGETS),
         },
     )
+    neuron_reset_scoring: str = field(
+        default="one_step_per_sample",
+        metadata={
+            "help": "Critic features scored each epoch: each sample's at one random step (as the official code) or "
+            "'all_steps'.",
+            "choices": list(SCORING_MODES),
+        },
+    )
     neuron_reset_scoring_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Cached critic features per process scored each epoch; None scores all of them."},
+        metadata={"help": "At most this many scored critic features per process (random subset); None: no cap."},
+    )
+    per_prompt_stat_tracking: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Normalize rewards per prompt. None: on in TDPO mode (as the paper), off in DDPO mode."},
+    )
+    per_prompt_stat_tracking_buffer_size: int = field(
+        default=32, metadata={"help": "Rewards kept per prompt for its statistics (the paper's 32)."}
     )
 
     def __post_init__(self):
@@ -338,6 +377,8 @@ class TDPOConfig(DDPOConfig):
 
         if self.train_adv_clip_max is None:
             self.train_adv_clip_max = math.inf if self.use_critic else 5.0
+        if self.per_prompt_stat_tracking is None:
+            self.per_prompt_stat_tracking = self.use_critic
         if self.neuron_reset is None:
             self.neuron_reset = self.use_critic
         self._check_values()
@@ -357,6 +398,8 @@ class TDPOConfig(DDPOConfig):
             "lora_rank",
             "eval_num_prompts",
             "pretrain_batch_size",
+            "per_prompt_stat_tracking_buffer_size",
+            "per_prompt_stat_tracking_min_count",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -417,6 +460,8 @@ class TDPOConfig(DDPOConfig):
             raise ValueError(
                 "`kl_coef` > 0 needs stochastic sampling (`sample_eta` > 0): with eta 0 the KL is infinite"
             )
+        if self.kl_penalty not in KL_PENALTY_MODES:
+            raise ValueError(f"`kl_penalty` must be one of {KL_PENALTY_MODES}, got {self.kl_penalty!r}")
         if self.eval_freq < 0:
             raise ValueError(f"`eval_freq` must be >= 0 (0 turns held-out evaluation off), got {self.eval_freq}")
         if not self.lora_alpha > 0:
@@ -436,6 +481,10 @@ class TDPOConfig(DDPOConfig):
         if not math.isfinite(self.neuron_reset_threshold) or self.neuron_reset_threshold < 0:
             raise ValueError(
                 f"`neuron_reset_threshold` must be a finite number >= 0, got {self.neuron_reset_threshold}"
+            )
+        if self.neuron_reset_scoring not in SCORING_MODES:
+            raise ValueError(
+                f"`neuron_reset_scoring` must be one of {SCORING_MODES}, got {self.neuron_reset_scoring!r}"
             )
         if self.neuron_reset_scoring_size is not None and self.neuron_reset_scoring_size < 1:
             raise ValueError(f"`neuron_reset_scoring_size` must be None or >= 1, got {self.neuron_reset_scoring_size}")

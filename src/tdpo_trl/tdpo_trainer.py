@@ -452,12 +452,17 @@ class TDPOTrainer(DDPOTrainer):
         device = self.accelerator.device
         rewards = torch.as_tensor(normalized_rewards, dtype=torch.float32, device=device)  # (N_all,)
         num_steps = samples["timesteps"].shape[1]
-        stats = {}
+        stats, step_rewards = {}, None
+        if "kl_ref" in samples:  # kl_penalty="reward": every step pays kl_coef * KL_t
+            kl = self.accelerator.gather(samples.pop("kl_ref"))  # (N_all, T)
+            step_rewards = -self.config.kl_coef * kl
+            stats["policy/kl_ref"] = kl.mean().item()
+        returns = discounted_returns(rewards, num_steps, self.config.gamma, step_rewards)  # (N_all, T)
         if self.critic is None:
-            advantages = rewards[:, None].expand(-1, num_steps)  # DDPO: one advantage for every step
+            # DDPO: one advantage for every step, or the penalized return of each step
+            advantages = rewards[:, None].expand(-1, num_steps) if step_rewards is None else returns
         else:
             values = self.accelerator.gather(samples["values"])  # (N_all, T), recorded at sampling time
-            returns = discounted_returns(rewards, num_steps, self.config.gamma)  # (N_all, T)
             advantages = temporal_advantages(returns, values, normalized=self.config.normalize_temporal_advantages)
             samples["returns"] = self._local_rows(returns)
             stats["critic/value_mean"] = values.mean().item()
@@ -548,6 +553,8 @@ class TDPOTrainer(DDPOTrainer):
         rewards = self.accelerator.gather(torch.cat(rewards).float()).cpu().numpy()  # (N_all,)
         scored = time.perf_counter()
 
+        if config.kl_coef > 0 and config.kl_penalty == "reward":
+            samples["kl_ref"] = self._sampled_kl(samples)  # (n, T)
         normalized = self._normalized_rewards(rewards, samples["prompt_ids"], epoch)
         finite = rewards[np.isfinite(rewards)]
         stats = {"epoch": epoch, "reward/mean": float(finite.mean()), "reward/std": float(finite.std())}
@@ -715,10 +722,7 @@ class TDPOTrainer(DDPOTrainer):
         `pretrain_loss_coef * terms["pretrain/loss"]` and `kl_coef * terms["policy/kl_ref"]` when those are on.
         """
         config = self.config
-        if config.train_cfg:  # (2B, ...): unconditional, then conditional
-            policy_inputs = [torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds]
-        else:
-            policy_inputs = [latents, timesteps, embeds]
+        policy_inputs = self._unet_inputs(latents, timesteps, embeds)
         inputs = policy_inputs
         if pretrain_inputs is not None:
             inputs = [torch.cat([a, b.to(a.dtype)]) for a, b in zip(policy_inputs, pretrain_inputs[:3])]
@@ -739,15 +743,44 @@ class TDPOTrainer(DDPOTrainer):
         if pretrain_inputs is not None:
             terms["pretrain/loss"] = F.mse_loss(prediction[num_policy:].float(), pretrain_inputs[3].float())
             loss = loss + config.pretrain_loss_coef * terms["pretrain/loss"]
-        if config.kl_coef > 0:
-            unet = self.accelerator.unwrap_model(self.unet)
-            with torch.no_grad(), reference_policy(unet, self._reference_unet) as reference, self.autocast():
-                reference_pred = self._guided(reference(*policy_inputs).sample)
-            scheduler = self.sd_pipeline.scheduler
-            kl = transition_kl(scheduler, noise_pred, reference_pred, timesteps, latents, config.sample_eta)  # (B,)
-            terms["policy/kl_ref"] = kl.mean()
+        if config.kl_coef > 0 and config.kl_penalty == "loss":
+            terms["policy/kl_ref"] = self._kl_to_reference(noise_pred, policy_inputs, timesteps, latents).mean()
             loss = loss + config.kl_coef * terms["policy/kl_ref"]
         return loss, approx_kl, clipfrac, terms
+
+    def _unet_inputs(self, latents, timesteps, embeds) -> list[torch.Tensor]:
+        """UNet arguments of one denoising step; with `train_cfg` `(2B, ...)`: unconditional, then conditional."""
+        if self.config.train_cfg:
+            return [torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds]
+        return [latents, timesteps, embeds]
+
+    def _kl_to_reference(self, noise_pred, unet_inputs, timesteps, latents) -> torch.Tensor:
+        """Per-sample KL `(B,)` between the transition `noise_pred` gives and the base model's on `unet_inputs`."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        with torch.no_grad(), reference_policy(unet, self._reference_unet) as reference, self.autocast():
+            reference_pred = self._guided(reference(*unet_inputs).sample)
+        scheduler, eta = self.sd_pipeline.scheduler, self.config.sample_eta
+        return transition_kl(scheduler, noise_pred, reference_pred, timesteps, latents, eta)
+
+    @torch.no_grad()
+    def _sampled_kl(self, samples: dict) -> torch.Tensor:
+        """KL to the base model of every sampled transition, `(n, T)`, for `kl_penalty="reward"`."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        num_samples, num_steps = samples["timesteps"].shape
+        kl = torch.zeros(num_samples, num_steps, device=self.accelerator.device)
+        size = self.config.train_batch_size
+        for start in range(0, num_samples, size):
+            rows = slice(start, start + size)
+            embeds = samples["prompt_embeds"][rows]
+            if self.config.train_cfg:
+                embeds = torch.cat([samples["negative_prompt_embeds"][rows], embeds])
+            for j in range(num_steps):
+                latents, timesteps = samples["latents"][rows, j], samples["timesteps"][rows, j]
+                inputs = self._unet_inputs(latents, timesteps, embeds)
+                with self.autocast():
+                    noise_pred = self._guided(unet(*inputs).sample)
+                kl[rows, j] = self._kl_to_reference(noise_pred, inputs, timesteps, latents)
+        return kl
 
     def _guided(self, prediction: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance of a `(2B, ...)` prediction (unconditional, conditional) -> `(B, ...)`."""

@@ -12,6 +12,7 @@ The demo shows reward over-optimization: the learned ink reward rises, while the
 (does the image still show the prompted digit? does it still look like a real digit?) tell whether that gain is real.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..digits import eval_prompts, shared_judges
+from ..digits.independent_judge import DigitAccuracyIndependent
 from ..evaluation import image_grid, sample_images
 from ..validation import check_writable_folder
 from . import train
@@ -35,6 +37,13 @@ class DemoArguments:
     output_dir: str = field(default="outputs/demo", metadata={"help": "Folder for every output of the demo."})
     samples_per_digit: int = field(
         default=10, metadata={"help": "Fixed-seed samples per digit scored and shown before and after training."}
+    )
+    compare_unregularized: bool = field(
+        default=True,
+        metadata={
+            "help": "When the pretraining loss or the KL is on, also train the same budget without them and show it "
+            "next to the regularized run (before_after.png, cross_reward.png, the table)."
+        },
     )
 
     def __post_init__(self):
@@ -64,23 +73,29 @@ def judge_fixed_samples(pipeline, config, prompts: list[str]) -> tuple[torch.Ten
         guidance_scale=config.sample_guidance_scale, eta=config.sample_eta, batch_size=len(prompts),
     )  # fmt: skip
     scores = shared_judges().score(images, prompts)
-    return images, {name: scores[name].mean().item() for name in JUDGE_NAMES}
+    means = {name: scores[name].mean().item() for name in JUDGE_NAMES}
+    if importlib.util.find_spec("sklearn") is not None:  # the judge that shares nothing with the reward
+        means["independent_accuracy"] = DigitAccuracyIndependent()(images, prompts)[0].mean().item()
+    return images, means
 
 
-def plot_before_after(before: torch.Tensor, after: torch.Tensor, scores: dict, path: str):
-    """The same seeded samples before and after training, side by side, each with its judges' scores."""
+def plot_before_after(panels: dict[str, torch.Tensor], scores: dict, path: str):
+    """The same seeded samples in each panel (before training, after, and optionally after the same budget without
+    the regularizers), side by side, each titled with its judges' scores. `panels` maps a `scores` key to images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 5.6))
-    for ax, images, name in zip(axes, (before, after), ("before", "after")):
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.8), squeeze=False)
+    for ax, (name, images) in zip(axes[0], panels.items()):
         by_row = images.reshape(10, -1, *images.shape[1:]).transpose(0, 1).flatten(0, 1)  # one column per digit
         ax.imshow(image_grid(by_row, columns=10, scale=4).permute(1, 2, 0).numpy())
         s = scores[name]
         ax.set_title(
-            f"{name}: ink {s['ink']:.3f}, accuracy {s['accuracy']:.2f}, realism {s['realism']:.2f}", fontsize=10
+            f"{PANEL_TITLES.get(name, name)}\nstroke mass {s['stroke_mass']:.3f}, accuracy {s['accuracy']:.2f}, "
+            f"realism {s['realism']:.2f}",
+            fontsize=10,
         )
         ax.axis("off")
     figure.tight_layout()
@@ -88,35 +103,75 @@ def plot_before_after(before: torch.Tensor, after: torch.Tensor, scores: dict, p
     return figure
 
 
-def plot_epoch_cross_reward(log_history: list[dict], path: str, window: int = 5):
-    """Ink reward (x) against prompted-digit accuracy and realism (y) of each epoch's training samples: one point
-    per epoch, coloured by epoch, and a `window`-epoch moving average through them."""
+PANEL_TITLES = {"before": "before", "after": "after", "unregularized": "after, without the regularizers"}
+
+
+def plot_epoch_cross_reward(histories: dict[str, list[dict]], path: str, window: int = 5):
+    """Ink reward (x) against prompted-digit accuracy and realism (y) of each epoch's training samples, one point per
+    epoch and a `window`-epoch moving average through them, one colour per run in `histories` (label -> records)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    epochs = np.array([r["epoch"] for r in log_history])
-    target = np.array([r["reward/mean"] for r in log_history])
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in zip(
-        axes, ("eval/digit_accuracy/mean", "eval/digit_realism/mean"), ("prompted-digit accuracy", "realism")
-    ):
-        values = np.array([r[key] for r in log_history])
-        points = ax.scatter(target, values, c=epochs, cmap="viridis", s=18)
-        if len(values) >= window:
-            kernel = np.ones(window) / window
-            smooth_x, smooth_y = np.convolve(target, kernel, "valid"), np.convolve(values, kernel, "valid")
-            ax.plot(smooth_x, smooth_y, color="black", linewidth=1.2, label=f"{window}-epoch moving average")
-            ax.legend(fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = ("tab:green", "tab:red", "tab:blue", "tab:orange")
+    for (label, history), color in zip(histories.items(), colors):
+        target = np.array([r["reward/mean"] for r in history])
+        for ax, key in zip(axes, ("eval/digit_accuracy/mean", "eval/digit_realism/mean")):
+            values = np.array([r[key] for r in history])
+            ax.scatter(target, values, color=color, s=10, alpha=0.35)
+            if len(values) >= window:
+                kernel = np.ones(window) / window
+                smooth_x, smooth_y = np.convolve(target, kernel, "valid"), np.convolve(values, kernel, "valid")
+                ax.plot(smooth_x, smooth_y, color=color, linewidth=1.6, label=label)
+                ax.annotate("end", (smooth_x[-1], smooth_y[-1]), color=color, fontsize=8)
+    for ax, label in zip(axes, ("prompted-digit accuracy", "realism")):
         ax.set_xlabel("ink reward (target, trained on)")
         ax.set_ylabel(f"{label} (not trained on)")
         ax.grid(alpha=0.3)
-    figure.colorbar(points, ax=axes, label="epoch")
-    figure.suptitle("Over-optimization: the target rises; do the judges it was not trained on follow?")
+        ax.legend(fontsize=8, title=f"{window}-epoch moving average", title_fontsize=8)
+    figure.suptitle("Over-optimization: the target rises; do the judges it was not trained on follow? (per epoch)")
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return figure
+
+
+def method_name(config) -> str:
+    """E.g. `"TDPO-R + pretraining loss (beta 0.3)"`."""
+    name = ("TDPO-R" if config.neuron_reset else "TDPO (no reset)") if config.use_critic else "DDPO"
+    if config.pretrain_loss_coef > 0:
+        name += f" + pretraining loss (beta {config.pretrain_loss_coef:g})"
+    if config.kl_coef > 0:
+        name += f" + KL ({config.kl_penalty}, {config.kl_coef:g})"
+    return name
+
+
+def without_regularizers(config, output_dir: str):
+    """The same run without the pretraining loss and the KL, written under `output_dir`."""
+    return dataclasses.replace(
+        config,
+        pretrain_loss_coef=0.0,
+        kl_coef=0.0,
+        project_kwargs={**config.project_kwargs, "project_dir": output_dir},
+    )
+
+
+def train_and_judge(config, save_dir: str, prompts: list[str], before: bool = False) -> dict:
+    """Train one demo run on the digits; judge the fixed samples after (and, if `before`, before) training."""
+    start = time.perf_counter()
+    script_args = train.ScriptArguments(pretrained_model="digits", reward="digit_ink", prompts="digits",
+                                        prompt_template="{}", save_dir=save_dir)  # fmt: skip
+    trainer = train.build_trainer(script_args, config)
+    pipeline = trainer.sd_pipeline.sd_pipeline
+    run = {"trainer": trainer, "images": {}, "scores": {}}
+    if before:
+        run["images"]["before"], run["scores"]["before"] = judge_fixed_samples(pipeline, config, prompts)
+    trainer.train()
+    trainer.save_pretrained(save_dir)
+    run["images"]["after"], run["scores"]["after"] = judge_fixed_samples(pipeline, config, prompts)
+    run["minutes"] = (time.perf_counter() - start) / 60
+    return run
 
 
 def main(demo_args: DemoArguments, config) -> dict:
@@ -125,38 +180,46 @@ def main(demo_args: DemoArguments, config) -> dict:
     config.project_kwargs = {**config.project_kwargs, "project_dir": output_dir}
     needed = {"digit_accuracy", "digit_realism"} - set(config.eval_reward_functions)
     config.eval_reward_functions = [*config.eval_reward_functions, *sorted(needed)]
-    script_args = train.ScriptArguments(pretrained_model="digits", reward="digit_ink", prompts="digits",
-                                        prompt_template="{}", save_dir=os.path.join(output_dir, "lora"))  # fmt: skip
-    trainer = train.build_trainer(script_args, config)
-    pipeline = trainer.sd_pipeline.sd_pipeline
     prompts = eval_prompts(demo_args.samples_per_digit)
-    scores = {}
-    before, scores["before"] = judge_fixed_samples(pipeline, config, prompts)
+    main_run = train_and_judge(config, os.path.join(output_dir, "lora"), prompts, before=True)
+    images, scores = main_run["images"], main_run["scores"]
+    histories = {method_name(config): main_run["trainer"].log_history}
 
-    trainer.train()
-    trainer.save_pretrained(script_args.save_dir)
-    after, scores["after"] = judge_fixed_samples(pipeline, config, prompts)
-    if not trainer.accelerator.is_main_process:
+    regularized = config.pretrain_loss_coef > 0 or config.kl_coef > 0
+    contrast = None
+    if demo_args.compare_unregularized and regularized:
+        contrast_dir = os.path.join(output_dir, "unregularized")
+        contrast_config = without_regularizers(config, contrast_dir)
+        contrast = train_and_judge(contrast_config, os.path.join(contrast_dir, "lora"), prompts)
+        images["unregularized"], scores["unregularized"] = contrast["images"]["after"], contrast["scores"]["after"]
+        histories[method_name(contrast_config)] = contrast["trainer"].log_history
+    if not main_run["trainer"].accelerator.is_main_process:
         return scores
 
     paths = {
-        "lora": os.path.join(script_args.save_dir, "pytorch_lora_weights.safetensors"),
+        "lora": os.path.join(output_dir, "lora", "pytorch_lora_weights.safetensors"),
         "metrics": os.path.join(output_dir, "metrics.jsonl"),
         "tensorboard": os.path.join(output_dir, config.tracker_project_name) if config.log_with else None,
         "before_after": os.path.join(output_dir, "before_after.png"),
         "cross_reward": os.path.join(output_dir, "cross_reward.png"),
         "summary": os.path.join(output_dir, "summary.json"),
     }
-    plot_before_after(before, after, scores, paths["before_after"])
-    plot_epoch_cross_reward(trainer.log_history, paths["cross_reward"])
+    if contrast is not None:
+        paths["unregularized"] = os.path.join(output_dir, "unregularized")
+    plot_before_after(images, scores, paths["before_after"])
+    plot_epoch_cross_reward(histories, paths["cross_reward"])
     summary = {
-        "mode": ("TDPO-R" if config.neuron_reset else "TDPO (no reset)") if config.use_critic else "DDPO",
-        "epochs": len(trainer.log_history),
-        "minutes": (time.perf_counter() - start) / 60,
+        "mode": method_name(config),
+        "epochs": len(main_run["trainer"].log_history),
+        "minutes": main_run["minutes"],
         "fixed_samples": len(prompts),
         **scores,
         "paths": paths,
     }
+    if contrast is not None:
+        summary["unregularized_mode"] = method_name(contrast_config)
+        summary["unregularized_minutes"] = contrast["minutes"]
+    summary["total_minutes"] = (time.perf_counter() - start) / 60
     with open(paths["summary"], "w") as f:
         json.dump(summary, f, indent=2)
     print_summary(summary)
@@ -164,23 +227,35 @@ def main(demo_args: DemoArguments, config) -> dict:
 
 
 def print_summary(summary: dict):
-    before, after = summary["before"], summary["after"]
+    columns = ["before", "after"] + (["unregularized"] if "unregularized" in summary else [])
     print(f"\n{summary['mode']} on the learned ink reward: {summary['epochs']} epochs in {summary['minutes']:.1f} min")
-    print(f"{summary['fixed_samples']} fixed-seed samples, the same before and after:")
-    print(f"{'judge':<28} {'before':>8} {'after':>8} {'change':>8}")
+    if "unregularized" in summary:
+        print(
+            f"'unregularized': the same budget as {summary['unregularized_mode']} "
+            f"({summary['unregularized_minutes']:.1f} min)"
+        )
+    print(f"{summary['fixed_samples']} fixed-seed samples, the same in every column:")
+    print(f"{'judge':<28}" + "".join(f"{c:>14}" for c in columns))
     labels = {
         "ink": "ink reward (target)",
         "stroke_mass": "true stroke mass",
         "accuracy": "prompted-digit accuracy",
+        "independent_accuracy": "  by the sklearn judge",
         "realism": "realism (log-lik / pixel)",
         "nearest_real": "distance to nearest real",
     }
     for key, label in labels.items():
-        print(f"{label:<28} {before[key]:>8.3f} {after[key]:>8.3f} {after[key] - before[key]:>+8.3f}")
+        if key not in summary["before"]:
+            continue
+        base = summary["before"][key]
+        cells = [f"{base:>14.3f}"] + [
+            f"{summary[c][key]:>7.3f} ({summary[c][key] - base:+.3f})".rjust(14) for c in columns[1:]
+        ]
+        print(f"{label:<28}" + "".join(cells))
     print()
     for name, path in summary["paths"].items():
         if path:
-            print(f"{name + ':':<14}{path}")
+            print(f"{name + ':':<15}{path}")
 
 
 def cli(argv: Optional[list[str]] = None) -> dict:

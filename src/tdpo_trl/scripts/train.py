@@ -42,8 +42,12 @@ TINY_DEFAULTS = dict(
 )
 
 # The shipped digits model (`tdpo_trl.digits`): LoRA r=4 at a high learning rate, DDIM 10 steps with eta 1, CFG 5,
-# 32 samples per epoch, a critic on the 4x8x8 latents. Under these settings DDPO over-optimizes the learned ink reward
-# within minutes on 2 CPU cores (prompted digits turn into other digits, strokes thicken).
+# 32 samples per epoch, a critic on the 4x8x8 latents. Without regularizers these settings over-optimize the learned
+# ink reward within minutes on 2 CPU cores (prompted digits turn into other digits, strokes thicken); the recipe
+# below (the best found, docs/overoptimization.md) adds the pretraining loss on the training digits (beta 1, 4 pairs
+# per update) and a clip range of 2e-3 (at the DDPO default 1e-4, 80-90% of the steps were clipped and the gain
+# stalled). Per-prompt reward statistics are off: 30 prompts and 32 samples per epoch give about one sample per prompt
+# per epoch, so the paper's 32-sample buffer would span ~30 epochs of a moving policy.
 DIGITS_DEFAULTS = dict(
     reward="digit_ink",
     prompts="digits",
@@ -55,6 +59,11 @@ DIGITS_DEFAULTS = dict(
     lora_rank=4,
     lora_alpha=4.0,
     train_learning_rate=5e-3,
+    train_clip_range=2e-3,
+    pretrain_loss_coef=1.0,
+    pretrain_dataset="digits",
+    pretrain_batch_size=4,
+    per_prompt_stat_tracking=False,
     sample_num_steps=10,
     sample_eta=1.0,
     sample_guidance_scale=5.0,

@@ -120,3 +120,22 @@ def test_shipped_base_draws_the_prompted_digit():
     """The shipped base reaches >= 95% prompted-digit accuracy on the fixed seed set it was released with."""
     accuracy = prompted_accuracy(load_digits_pipeline(), shared_judges(), per_digit=10, seed=1234)
     assert accuracy >= 0.95
+
+
+def test_the_independent_judge_reads_real_digits_and_names_prompts_without_one():
+    from tdpo_trl.digits import WORDS, load_digits, train_test_split
+    from tdpo_trl.digits.independent_judge import DigitAccuracyIndependent, independent_labels
+    from tdpo_trl.rewards import get_reward_function
+
+    images, labels = load_digits()
+    _, held_out = train_test_split(len(images))
+    real = (images[held_out] + 1) / 2  # (297, 3, 16, 16) in [0, 1], as the pipeline outputs
+    assert (independent_labels(real) == labels[held_out]).float().mean() >= 0.95
+    judge = get_reward_function("digit_accuracy_independent")
+    assert isinstance(judge, DigitAccuracyIndependent)
+    prompts = [f"the digit {WORDS[int(label)]}" for label in labels[held_out[:4]]]
+    wrong = [f"the digit {WORDS[(int(label) + 1) % 10]}" for label in labels[held_out[:4]]]
+    scores, _ = judge(real[:4], prompts)
+    assert scores.tolist() == [1.0] * 4
+    assert judge(real[:4], wrong)[0].sum() <= 1  # the SVC reads the digit, not the prompt
+    assert torch.isnan(judge(real[:1], ["a handwritten digit"])[0]).all()  # names no digit

@@ -1,15 +1,17 @@
 """`tdpo-trl demo`: TDPO-R with LoRA on the shipped digits model and its learned ink reward, on CPU in minutes.
 
-    tdpo-trl demo                                  # ~6 min on 2 CPU cores, writes outputs/demo
-    tdpo-trl demo --use_critic false               # the same run as DDPO, to compare
+    tdpo-trl demo                                  # ~10 min on 2 CPU cores (two runs), writes outputs/demo
+    tdpo-trl demo --use_critic false               # the same with DDPO
     tdpo-trl demo --num_epochs 2 --output_dir /tmp/demo
 
-Writes into `--output_dir`: `lora/` (pytorch_lora_weights.safetensors, loadable by `pipe.load_lora_weights`, plus
-the critic and a model card), `metrics.jsonl` and `tensorboard/` (per-epoch metrics), `checkpoints/`,
-`before_after.png` (the same seeded samples before and after training), `cross_reward.png` (the target reward
-against prompted-digit accuracy and realism, one point per epoch) and `summary.json`; then prints a table.
-The demo shows reward over-optimization: the learned ink reward rises, while the judges it was not trained on
-(does the image still show the prompted digit? does it still look like a real digit?) tell whether that gain is real.
+Trains TDPO-R with the pretraining loss (the digits recipe, `train.DIGITS_DEFAULTS`), then, with
+`--compare_unregularized` (default), the same budget without the regularizers. Writes into `--output_dir`: `lora/`
+(pytorch_lora_weights.safetensors, loadable by `pipe.load_lora_weights`, plus the critic and a model card),
+`metrics.jsonl` and `tensorboard/` (per-epoch metrics), `checkpoints/`, `unregularized/` (the contrast run),
+`before_after.png` (the same seeded samples before, after, and after without the regularizers), `cross_reward.png`
+(the target reward against prompted-digit accuracy and realism, one curve per run) and `summary.json`; then prints a
+table. The learned ink reward rises in both runs; the judges it was not trained on (does the image still show the
+prompted digit? does it still look like a real digit?) tell whether that gain is real.
 """
 
 import dataclasses

@@ -88,11 +88,14 @@ class OverOptimizationGuard(TDPOCallback):
         flagged, keep = self.assess(epoch, metrics)
         if flagged and self.action == "stop":
             trainer.should_stop = True
-        if keep:
-            self._keep(trainer, epoch, metrics["heldout/target/mean"])
+        if keep:  # `assess` recorded the epoch and target
+            self._copy_weights(trainer)
 
     def _keep(self, trainer, epoch: int, target: float):
         self.kept_epoch, self.kept_target = epoch, target
+        self._copy_weights(trainer)
+
+    def _copy_weights(self, trainer):
         self.kept_weights = {name: p.detach().to("cpu", copy=True) for name, p in trainer.trained_parameters()}
 
     def explanation(self) -> Optional[str]:

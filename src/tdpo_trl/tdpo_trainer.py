@@ -668,11 +668,7 @@ class TDPOTrainer(DDPOTrainer):
             model.train()
         for j, i in self._update_order(len(batched_samples)):
             sample = batched_samples[i]
-            if self.config.train_cfg:
-                # concat negative prompts to sample prompts to avoid two forward passes
-                embeds = torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
-            else:
-                embeds = sample["prompt_embeds"]
+            embeds = self._prompt_embeds(sample)
             with self.accelerator.accumulate(*models):
                 pretrain = None
                 if self.pretraining is not None:
@@ -748,6 +744,13 @@ class TDPOTrainer(DDPOTrainer):
             loss = loss + config.kl_coef * terms["policy/kl_ref"]
         return loss, approx_kl, clipfrac, terms
 
+    def _prompt_embeds(self, sample: dict) -> torch.Tensor:
+        """The text embeddings of a minibatch; with `train_cfg` `(2B, L, D)`: negative prompts, then the prompts (one
+        UNet call instead of two)."""
+        if self.config.train_cfg:
+            return torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
+        return sample["prompt_embeds"]
+
     def _unet_inputs(self, latents, timesteps, embeds) -> list[torch.Tensor]:
         """UNet arguments of one denoising step; with `train_cfg` `(2B, ...)`: unconditional, then conditional."""
         if self.config.train_cfg:
@@ -771,9 +774,7 @@ class TDPOTrainer(DDPOTrainer):
         size = self.config.train_batch_size
         for start in range(0, num_samples, size):
             rows = slice(start, start + size)
-            embeds = samples["prompt_embeds"][rows]
-            if self.config.train_cfg:
-                embeds = torch.cat([samples["negative_prompt_embeds"][rows], embeds])
+            embeds = self._prompt_embeds({k: samples[k][rows] for k in ("prompt_embeds", "negative_prompt_embeds")})
             for j in range(num_steps):
                 latents, timesteps = samples["latents"][rows, j], samples["timesteps"][rows, j]
                 inputs = self._unet_inputs(latents, timesteps, embeds)

@@ -5,6 +5,7 @@ Shapes: N samples, T denoising steps (in sampling order: index 0 is the noisiest
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -33,6 +34,13 @@ def discounted_returns(
         discounted_sum = step_rewards[:, t] + gamma * discounted_sum
         step_returns.append(discounted_sum)
     return returns + torch.stack(step_returns[::-1], dim=1)
+
+
+def batch_normalize(rewards: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """Batch-wise reward normalization of the large-scale RL paper: `(r - mean) / (std + 1e-7)` over the finite
+    rewards `(N,)` of the whole batch (the caller gathers them over processes and drops the non-finite ones)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return ((rewards - rewards.mean()) / (rewards.std() + eps)).astype(np.float32)
 
 
 def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

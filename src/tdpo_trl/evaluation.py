@@ -14,15 +14,26 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpointing import list_checkpoints
+from .distribution_rewards import is_distribution_reward
 from .pipeline import LORA_WEIGHT_NAME
 from .validation import call_reward_function
 
 
 @torch.no_grad()
 def score_images(reward_functions: dict[str, Callable], images, prompts, metadata=None) -> dict[str, torch.Tensor]:
-    """`{name: (B,) float32 scores}` of `images` under every reward function (each output checked)."""
+    """`{name: (B,) float32 scores}` of `images` under every reward function (each output checked).
+
+    A distribution-level reward (`tdpo_trl.distribution_rewards`) is scored by its batch score (e.g. minus the
+    total-variation distance to the target distribution), which every image of the batch shares.
+    """
     metadata = metadata if metadata is not None else [{}] * len(images)
-    return {name: call_reward_function(f, images, prompts, metadata)[0].cpu() for name, f in reward_functions.items()}
+    scores = {}
+    for name, function in reward_functions.items():
+        if is_distribution_reward(function):
+            scores[name] = torch.full((len(images),), function.batch_score(images, list(prompts)))
+        else:
+            scores[name] = call_reward_function(function, images, prompts, metadata)[0].cpu()
+    return scores
 
 
 def mean_std(scores: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:

@@ -16,7 +16,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Ta
 
 
 class ValueHead(nn.Sequential):
-    """MLP from a feature vector to one value.
+    """MLP from a feature vector to one value (or `num_outputs` values: one per task of a multi-task run).
 
     With `activation="none"` it mirrors the LAION aesthetic-predictor head used by the paper: Linear layers with
     dropout and no nonlinearity. Weights are drawn from N(0, 1/(d+1)) with d the input feature size; biases are zero.
@@ -28,7 +28,10 @@ class ValueHead(nn.Sequential):
         hidden_sizes: tuple[int, ...] = (1024, 128, 64, 16),
         dropout: tuple[float, ...] = (0.2, 0.2, 0.1, 0.0),
         activation: str = "none",
+        num_outputs: int = 1,
     ):
+        if num_outputs < 1:
+            raise ValueError(f"`num_outputs` must be >= 1, got {num_outputs}")
         if len(dropout) != len(hidden_sizes):
             raise ValueError(f"need one dropout value per hidden size, got {list(dropout)} for {list(hidden_sizes)}")
         if activation != "none" and activation not in _ACTIVATIONS:
@@ -42,9 +45,9 @@ class ValueHead(nn.Sequential):
             if p > 0:
                 layers.append(nn.Dropout(p))
             in_features = size
-        layers.append(nn.Linear(in_features, 1))
+        layers.append(nn.Linear(in_features, num_outputs))
         super().__init__(*layers)
-        self.input_dim = input_dim
+        self.input_dim, self.num_outputs = input_dim, num_outputs
         self.hidden_sizes, self.dropout, self.activation = list(hidden_sizes), list(dropout), activation
         self.init_std = 1.0 / (input_dim + 1)
         self.reset_parameters()
@@ -57,6 +60,7 @@ class ValueHead(nn.Sequential):
             "hidden_sizes": self.hidden_sizes,
             "dropout": self.dropout,
             "activation": self.activation,
+            "num_outputs": self.num_outputs,
         }
 
     @property
@@ -68,9 +72,15 @@ class ValueHead(nn.Sequential):
             nn.init.normal_(layer.weight, mean=0.0, std=self.init_std)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # (..., input_dim) -> (...)
-        return super().forward(features).squeeze(-1)
+    def forward(self, features: torch.Tensor, task_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # (..., input_dim) -> (...): the value of each row's task (`task_index` (...) long) when there are several
+        values = super().forward(features)  # (..., num_outputs)
+        if self.num_outputs == 1:
+            return values.squeeze(-1)
+        if task_index is None:
+            raise ValueError(f"this critic head has {self.num_outputs} outputs (one per task); pass `task_index`")
+        index = task_index.to(values.device).long().expand(values.shape[:-1])
+        return values.gather(-1, index.unsqueeze(-1)).squeeze(-1)
 
 
 class LatentFeatures(nn.Module):
@@ -126,7 +136,7 @@ class TimestepCritic(nn.Module):
     Args:
         encoder: maps a batch to `(B, feature_dim)`. If `encoder.needs_pixels` is true it receives images in [0, 1]
             decoded by the VAE, otherwise the latents. It must expose `feature_dim`.
-        hidden_sizes, dropout, activation: see `ValueHead`.
+        hidden_sizes, dropout, activation, num_outputs: see `ValueHead`.
 
     Example:
         ```python
@@ -142,20 +152,21 @@ class TimestepCritic(nn.Module):
         dropout: tuple[float, ...] = (0.2, 0.2, 0.1, 0.0),
         activation: str = "none",
         feature_dim: Optional[int] = None,
+        num_outputs: int = 1,
     ):
         super().__init__()
         feature_dim = feature_dim or getattr(encoder, "feature_dim", None)
         if feature_dim is None:
             raise ValueError("the critic encoder has no `feature_dim`; pass `feature_dim=` explicitly")
         self.encoder = encoder.requires_grad_(False)
-        self.head = ValueHead(feature_dim, tuple(hidden_sizes), tuple(dropout), activation)
+        self.head = ValueHead(feature_dim, tuple(hidden_sizes), tuple(dropout), activation, num_outputs)
 
     @property
     def needs_pixels(self) -> bool:
         return bool(getattr(self.encoder, "needs_pixels", False))
 
     @classmethod
-    def from_config(cls, config, latent_shape: tuple[int, ...]) -> "TimestepCritic":
+    def from_config(cls, config, latent_shape: tuple[int, ...], num_outputs: int = 1) -> "TimestepCritic":
         """Build the critic that `config.critic_encoder` names (a `TDPOConfig`)."""
         if config.critic_encoder == "latents":
             encoder = LatentFeatures(latent_shape)
@@ -169,7 +180,13 @@ class TimestepCritic(nn.Module):
             from .loading import load_pretrained
 
             encoder = load_pretrained(CLIPImageFeatures.from_pretrained, config.critic_encoder, "critic_encoder")
-        return cls(encoder, config.critic_hidden_sizes, config.critic_dropout, config.critic_activation)
+        return cls(
+            encoder,
+            config.critic_hidden_sizes,
+            config.critic_dropout,
+            config.critic_activation,
+            num_outputs=num_outputs,
+        )
 
     @torch.no_grad()
     def encode(self, latents: torch.Tensor, vae: Optional[nn.Module] = None, batch_size: int = 32) -> torch.Tensor:

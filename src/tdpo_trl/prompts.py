@@ -1,14 +1,17 @@
 """Prompt functions: `prompt_fn() -> (prompt, metadata)`, drawn from built-in sets, text files or `datasets`.
 
 Sampling uses its own seeded `random.Random`, so a prompt stream is reproducible and independent of the global RNG.
-Streaming datasets (millions of prompts) are read through a shuffle buffer and never loaded whole.
+Streaming datasets (millions of prompts) are read through a shuffle buffer and never loaded whole. Every source has
+`state_dict()` / `load_state_dict()`: the trainer checkpoints it, and a resumed run draws the prompts an
+uninterrupted run would have drawn.
 """
 
+import itertools
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
-from typing import Optional
+from typing import Any, Optional
 
 
 BUILTIN_PROMPT_SETS = ("simple_animals", "digits")  # files in tdpo_trl/prompt_sets/
@@ -60,6 +63,18 @@ class PromptSource:
     def __call__(self) -> tuple[str, dict]:
         return self.template.format(self.rng.choice(self.prompts)), {}
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict):
+        self.rng.setstate(_as_rng_state(state["rng"]))
+
+
+def _as_rng_state(state) -> tuple:
+    """`random.Random` states come back from `torch.load` as lists; `setstate` wants the original tuples."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
 
 class DatasetPromptSource:
     """Prompts from a `datasets` dataset column, local or on the Hub; `streaming=True` for sets too large to load.
@@ -95,21 +110,39 @@ class DatasetPromptSource:
         self.dataset, self.column, self.template, self.seed = dataset, column, template, seed
         self.streaming, self.buffer_size = streaming, buffer_size
         self.rng = random.Random(seed)
-        self._epoch, self._iterator = 0, None
+        self._epoch, self._consumed, self._iterator = 0, 0, None  # pass number, rows read in this pass
         if not streaming and len(dataset) == 0:
             raise ValueError(f"the dataset {path!r} (split {split!r}) is empty")
+
+    def _open_pass(self, skip: int = 0):
+        """Iterate pass `self._epoch` (its own shuffle seed), after skipping the `skip` rows already read."""
+        shuffled = self.dataset.shuffle(seed=self.seed + self._epoch, buffer_size=self.buffer_size)
+        self._iterator: Iterator = itertools.islice(iter(shuffled), skip, None)
+        self._consumed = skip
 
     def _next_streamed(self) -> str:
         for _ in range(2):  # a pass that ends restarts once; a second empty pass means an empty dataset
             if self._iterator is None:
-                shuffled = self.dataset.shuffle(seed=self.seed + self._epoch, buffer_size=self.buffer_size)
-                self._iterator: Iterator = iter(shuffled)
-                self._epoch += 1
+                self._open_pass()
             try:
-                return next(self._iterator)[self.column]
+                row = next(self._iterator)
             except StopIteration:
-                self._iterator = None
+                self._iterator, self._epoch = None, self._epoch + 1
+                continue
+            self._consumed += 1
+            return row[self.column]
         raise ValueError("the streamed prompt dataset yields no rows")
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "epoch": self._epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict):
+        """Restore the position; a stream is re-opened and fast-forwarded (rows are read, not kept) on next use."""
+        self.rng.setstate(_as_rng_state(state["rng"]))
+        self._epoch, self._consumed = int(state["epoch"]), int(state["consumed"])
+        self._iterator = None
+        if self.streaming and self._consumed:
+            self._open_pass(skip=self._consumed)
 
     def __call__(self) -> tuple[str, dict]:
         if self.streaming:
@@ -117,6 +150,45 @@ class DatasetPromptSource:
         else:
             prompt = self.dataset[self.rng.randrange(len(self.dataset))][self.column]
         return self.template.format(prompt), {}
+
+
+class RepeatedPrompts:
+    """Each prompt of `prompt_function` returned `k` times in a row, so that a sampled batch holds groups of `k`
+    images of one prompt (what distribution-level rewards such as `diversity` compare).
+
+    The trainer wraps its prompt function in this when `TDPOConfig.prompt_repeats > 1`, and checks that every
+    epoch's samples hold whole groups, so no group straddles an epoch.
+    """
+
+    def __init__(self, prompt_function: Callable[[], tuple[str, Any]], k: int):
+        if k < 1:
+            raise ValueError(f"`k` (prompt repeats) must be >= 1, got {k}")
+        self.prompt_function, self.k = prompt_function, k
+        self._current, self._left = None, 0
+
+    def __call__(self) -> tuple[str, Any]:
+        if self._left == 0:
+            self._current, self._left = self.prompt_function(), self.k
+        self._left -= 1
+        return self._current
+
+    def state_dict(self) -> dict:
+        inner = self.prompt_function
+        return {
+            "left": self._left,
+            "current": self._current,
+            "inner": inner.state_dict() if has_state(inner) else None,
+        }
+
+    def load_state_dict(self, state: dict):
+        self._left, self._current = int(state["left"]), state["current"]
+        if state["inner"] is not None and has_state(self.prompt_function):
+            self.prompt_function.load_state_dict(state["inner"])
+
+
+def has_state(obj) -> bool:
+    """Whether `obj` can be checkpointed (has `state_dict` and `load_state_dict`)."""
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 def get_prompt_function(spec: str, *, template: str = "{}", seed: int = 0, column: str = "prompt", **kwargs):

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
+from .digits.distribution import DigitDiversity, DigitParity
 from .digits.independent_judge import DigitAccuracyIndependent
 from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
+from .distribution_rewards import Diversity
 from .modeling_critic import CLIPImageFeatures, ValueHead
 
 
@@ -252,6 +254,10 @@ REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "digit_nearest_real": DigitNearestReal,
     "digit_stroke_mass": DigitStrokeMass,
     "digit_accuracy_independent": DigitAccuracyIndependent,  # scikit-learn; shares nothing with the others
+    # distribution-level (`tdpo_trl.distribution_rewards`): one reward per sample from the whole batch
+    "diversity": Diversity,
+    "digit_parity": DigitParity,
+    "digit_diversity": DigitDiversity,
 }
 
 

@@ -64,7 +64,11 @@ def load_critic_head(directory: str) -> tuple[ValueHead, str]:
         config = json.load(f)
     encoder = config.pop("encoder")
     head = ValueHead(
-        config["input_dim"], tuple(config["hidden_sizes"]), tuple(config["dropout"]), config["activation"]
+        config["input_dim"],
+        tuple(config["hidden_sizes"]),
+        tuple(config["dropout"]),
+        config["activation"],
+        config.get("num_outputs", 1),  # one value per task of a multi-task run
     )
     head.load_state_dict(load_file(os.path.join(directory, CRITIC_WEIGHTS_NAME)))
     return head, encoder

@@ -35,6 +35,24 @@ _CRITIC_ACTIVATIONS = ("none", "relu", "gelu", "silu", "tanh")
 _RESET_TARGETS = ("active", "dormant", "all", "none")
 _LORA_INITS = ("gaussian", "default")
 KL_PENALTY_MODES = ("loss", "reward")
+REWARD_NORMALIZATIONS = ("per_prompt", "batch")
+MULTI_TASK_UPDATES = ("sequential", "weighted")
+
+
+def check_prompt_repeats(repeats: int, samples_per_epoch: int):
+    """Each epoch must hold whole groups of `repeats` samples of one prompt."""
+    if repeats > samples_per_epoch:
+        raise ValueError(
+            f"`prompt_repeats` ({repeats}) is larger than the samples of an epoch per process (sample_batch_size * "
+            f"sample_num_batches_per_epoch = {samples_per_epoch}); lower it or sample more"
+        )
+    if samples_per_epoch % repeats:
+        raise ValueError(
+            f"`prompt_repeats` ({repeats}) must divide the samples of an epoch per process (sample_batch_size * "
+            f"sample_num_batches_per_epoch = {samples_per_epoch}), so that no prompt group straddles two epochs"
+        )
+
+
 # built-in critic encoders; anything else names a CLIP vision folder or Hub id
 CRITIC_ENCODER_NAMES = ("latents", "digit_classifier")
 
@@ -190,6 +208,21 @@ class TDPOConfig(DDPOConfig):
             mode (DDPO's default).
         per_prompt_stat_tracking_buffer_size (`int`, *optional*, defaults to `32`):
             Rewards kept per prompt (the paper's 32; DDPO's default is 16).
+
+        > Parameters of large-scale RL (Zhang et al. 2024)
+
+        reward_normalization (`str` or `None`, *optional*, defaults to `None`):
+            `"per_prompt"` (DDPO's tracker) or `"batch"` (the large-scale RL paper: the epoch's rewards gathered over
+            all processes, non-finite ones dropped and counted, `(r - mean) / (std + 1e-7)`; for prompt sets too large
+            for per-prompt statistics). `None`: as `per_prompt_stat_tracking` says. Setting both inconsistently is
+            an error.
+        prompt_repeats (`int` or `None`, *optional*, defaults to `None`):
+            Each drawn prompt is used for this many consecutive samples, so that a batch holds groups of images of
+            one prompt (distribution-level rewards compare them). `None`: the reward's `default_prompt_repeats` (4 for
+            `diversity`), else 1. Must divide `sample_batch_size * sample_num_batches_per_epoch`.
+        multi_task_update (`str`, *optional*, defaults to `"sequential"`):
+            With several tasks: `"sequential"` updates on each task's samples in turn (the paper's order); `"weighted"`
+            updates once on all tasks' samples, each task's policy loss scaled by its weight.
     """
 
     # Dict-valued DDPO fields, re-typed so that they accept JSON strings on the command line.
@@ -364,6 +397,29 @@ class TDPOConfig(DDPOConfig):
         default=32, metadata={"help": "Rewards kept per prompt for its statistics (the paper's 32)."}
     )
 
+    reward_normalization: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "'per_prompt' or 'batch' (gathered over processes, as the large-scale RL paper). None: as "
+            "per_prompt_stat_tracking says.",
+            "choices": list(REWARD_NORMALIZATIONS),
+        },
+    )
+    prompt_repeats: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Samples per drawn prompt (groups for distribution-level rewards). None: the reward's "
+            "default_prompt_repeats, else 1."
+        },
+    )
+    multi_task_update: str = field(
+        default="sequential",
+        metadata={
+            "help": "With several tasks: update task by task ('sequential', the paper) or once with weighted losses.",
+            "choices": list(MULTI_TASK_UPDATES),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         for name in _DICT_FIELDS:
@@ -377,8 +433,24 @@ class TDPOConfig(DDPOConfig):
 
         if self.train_adv_clip_max is None:
             self.train_adv_clip_max = math.inf if self.use_critic else 5.0
+        if self.reward_normalization is not None and self.reward_normalization not in REWARD_NORMALIZATIONS:
+            raise ValueError(
+                f"`reward_normalization` must be one of {REWARD_NORMALIZATIONS} or None, "
+                f"got {self.reward_normalization!r}"
+            )
         if self.per_prompt_stat_tracking is None:
-            self.per_prompt_stat_tracking = self.use_critic
+            if self.reward_normalization is not None:
+                self.per_prompt_stat_tracking = self.reward_normalization == "per_prompt"
+            else:
+                self.per_prompt_stat_tracking = self.use_critic
+        elif self.reward_normalization is not None and self.per_prompt_stat_tracking != (
+            self.reward_normalization == "per_prompt"
+        ):
+            raise ValueError(
+                f"`reward_normalization={self.reward_normalization!r}` contradicts "
+                f"`per_prompt_stat_tracking={self.per_prompt_stat_tracking}`; set only one of them"
+            )
+        self.reward_normalization = "per_prompt" if self.per_prompt_stat_tracking else "batch"
         if self.neuron_reset is None:
             self.neuron_reset = self.use_critic
         self._check_values()
@@ -412,6 +484,15 @@ class TDPOConfig(DDPOConfig):
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if self.prompt_repeats is not None:
+            per_epoch = self.sample_batch_size * self.sample_num_batches_per_epoch
+            if self.prompt_repeats < 1:
+                raise ValueError(f"`prompt_repeats` must be None or >= 1, got {self.prompt_repeats}")
+            check_prompt_repeats(self.prompt_repeats, per_epoch)
+        if self.multi_task_update not in MULTI_TASK_UPDATES:
+            raise ValueError(
+                f"`multi_task_update` must be one of {MULTI_TASK_UPDATES}, got {self.multi_task_update!r}"
+            )
         if not 0.0 < self.train_timestep_fraction <= 1.0:
             raise ValueError(f"`train_timestep_fraction` must be in (0, 1], got {self.train_timestep_fraction}")
         if int(self.sample_num_steps * self.train_timestep_fraction) < 1:

@@ -19,14 +19,20 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 from trl import DDPOTrainer
 from trl.models import DDPOStableDiffusionPipeline
 from trl.trainer.utils import PerPromptStatTracker
 
 from . import saving
-from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
+from .advantages import (
+    batch_normalize,
+    clipped_value_loss,
+    discounted_returns,
+    explained_variance,
+    temporal_advantages,
+)
 from .checkpointing import (
     StatTrackerState,
     TrainingProgress,
@@ -36,6 +42,7 @@ from .checkpointing import (
     run_folder_of,
     save_checkpoint,
 )
+from .distribution_rewards import DistributionReward, is_distribution_reward
 from .evaluation import mean_std, sample_images, save_image_grid, score_images
 from .guard import OverOptimizationGuard
 from .hub import check_repo_id, push_folder
@@ -43,7 +50,7 @@ from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
 from .optimization import OptimizerGroup, clip_and_step
-from .prompts import get_prompt_function
+from .prompts import RepeatedPrompts, get_prompt_function, has_state
 from .regularizers import (
     PretrainingData,
     load_pretraining_dataset,
@@ -52,12 +59,20 @@ from .regularizers import (
     transition_kl,
 )
 from .rewards import get_reward_function, reward_name, short_name
-from .tdpo_config import TDPOConfig
+from .tasks import Task, check_tasks
+from .tdpo_config import TDPOConfig, check_prompt_repeats
 from .trainer_callback import TDPOCallback, call_event, check_callbacks
-from .validation import CheckedPromptFunction, call_reward_function, check_finite_weights, describe
+from .validation import (
+    CheckedPromptFunction,
+    call_reward_function,
+    check_finite_weights,
+    check_reward_output,
+    describe,
+)
 
 
 logger = get_logger(__name__)
+SINGLE_TASK = "default"  # the task name of a run given one reward and one prompt function
 
 # Sample entries indexed by denoising step: shape (N, T, ...). They are permuted along T before training.
 _PER_STEP_KEYS = (
@@ -97,6 +112,8 @@ class TDPOTrainer(DDPOTrainer):
             [`ActiveNeuronResetCallback`] is added when `config.neuron_reset` is on and none is given.
         eval_reward_functions (`dict[str, Callable]`, *optional*): out-of-domain rewards by metric name; default: the
             ones `config.eval_reward_functions` names.
+        tasks (`list[Task]`, *optional*): several tasks trained jointly (see `tdpo_trl.tasks`), instead of
+            `reward_function` and `prompt_function` (pass None for those). Metrics become `task/<name>/...`.
 
     Example:
         ```python
@@ -118,13 +135,14 @@ class TDPOTrainer(DDPOTrainer):
     def __init__(
         self,
         config: TDPOConfig,
-        reward_function: Callable[[torch.Tensor, tuple[str], tuple[Any]], Any],
-        prompt_function: Callable[[], tuple[str, Any]],
+        reward_function: Optional[Callable[[torch.Tensor, tuple[str], tuple[Any]], Any]],
+        prompt_function: Optional[Callable[[], tuple[str, Any]]],
         sd_pipeline: DDPOStableDiffusionPipeline,
         image_samples_hook: Optional[Callable[[Any, Any, Any], Any]] = None,
         critic: Optional[TimestepCritic] = None,
         callbacks: Optional[list[TDPOCallback]] = None,
         eval_reward_functions: Optional[dict[str, Callable]] = None,
+        tasks: Optional[list[Task]] = None,
     ):
         # DDPOTrainer.__init__ is not called: it forwards the un-wrapped UNet (no gradient all-reduce across
         # processes), checkpoints on rank 0 only (deadlock), needs `project_kwargs` to save and validates after
@@ -136,10 +154,27 @@ class TDPOTrainer(DDPOTrainer):
         if critic is not None and not config.use_critic:
             raise ValueError("a `critic` was given but `config.use_critic` is False (DDPO mode); drop one of them")
         self.config = config
-        if not callable(reward_function):
-            raise TypeError(f"`reward_function` must be callable, got {describe(reward_function)}")
-        self.reward_fn = reward_function
-        self.prompt_fn = CheckedPromptFunction(prompt_function)  # every (prompt, metadata) it returns is checked
+        if tasks is not None:
+            if reward_function is not None or prompt_function is not None:
+                raise ValueError("give either `tasks` or `reward_function` and `prompt_function`, not both")
+            self.tasks = check_tasks(tasks)
+        else:
+            if not callable(reward_function):
+                raise TypeError(f"`reward_function` must be callable, got {describe(reward_function)}")
+            if not callable(prompt_function):
+                raise TypeError(f"`prompt_function` must be callable, got {describe(prompt_function)}")
+            self.tasks = [Task(SINGLE_TASK, reward_function, prompt_function)]
+        self.multi_task = tasks is not None and len(self.tasks) > 1
+        # per task: the prompt function (grouped by `prompt_repeats`, every (prompt, metadata) checked)
+        self.prompt_repeats = [self._prompt_repeats(task) for task in self.tasks]
+        self._prompt_sources = [
+            RepeatedPrompts(task.prompt_function, k) if k > 1 else task.prompt_function
+            for task, k in zip(self.tasks, self.prompt_repeats)
+        ]
+        self._prompt_fns = [CheckedPromptFunction(source) for source in self._prompt_sources]
+        self.reward_fn = self.tasks[0].reward_function  # the task being sampled (TRL's names); set per task in `step`
+        self.prompt_fn = self._prompt_fns[0]
+        self._task_index = 0
         self.sd_pipeline = sd_pipeline
         self.image_samples_callback = image_samples_hook
         self.num_train_timesteps = config.num_train_timesteps
@@ -150,7 +185,7 @@ class TDPOTrainer(DDPOTrainer):
         if eval_reward_functions is None:
             eval_reward_functions = {short_name(s): get_reward_function(s) for s in config.eval_reward_functions}
         self.eval_reward_functions = dict(eval_reward_functions)
-        self._heldout_prompts: Optional[list[str]] = None
+        self._heldout_prompts: dict[int, list[str]] = {}  # per task
         has_reset = any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks)
         if config.neuron_reset and not has_reset:
             self.callbacks.append(ActiveNeuronResetCallback.from_config(config))
@@ -208,17 +243,33 @@ class TDPOTrainer(DDPOTrainer):
         with torch.no_grad():
             negative_ids = self._tokenize([config.negative_prompts])
             self.neg_prompt_embed = self.sd_pipeline.text_encoder(negative_ids)[0]
+        self.stat_trackers = []  # one per task
         if config.per_prompt_stat_tracking:
-            self.stat_tracker = PerPromptStatTracker(
-                config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count
-            )
+            self.stat_trackers = [
+                PerPromptStatTracker(
+                    config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count
+                )
+                for _ in self.tasks
+            ]
+            self.stat_tracker = self.stat_trackers[0]
         self.autocast = self.sd_pipeline.autocast or self.accelerator.autocast
         if config.async_reward_computation:
             self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
 
         self.critic = None
         if config.use_critic:
-            self.critic = critic if critic is not None else TimestepCritic.from_config(config, self._latent_shape())
+            # one critic told the task: one value output per task (rewards are normalized per task, so the outputs
+            # share a scale); one encoder, one optimizer and one neuron-reset schedule for all tasks
+            self.critic = (
+                critic
+                if critic is not None
+                else TimestepCritic.from_config(config, self._latent_shape(), num_outputs=len(self.tasks))
+            )
+            if self.critic.head.num_outputs != len(self.tasks):
+                raise ValueError(
+                    f"the critic head has {self.critic.head.num_outputs} value outputs for {len(self.tasks)} tasks; "
+                    "give it one output per task (`num_outputs`)"
+                )
             self.critic.encoder.to(device, dtype=inference_dtype)
             self.critic.head.to(device, dtype=torch.float32)
             critic_optimizer = torch.optim.AdamW(
@@ -247,8 +298,11 @@ class TDPOTrainer(DDPOTrainer):
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
         self.accelerator.register_for_checkpointing(self.progress)
-        if config.per_prompt_stat_tracking:
-            self.accelerator.register_for_checkpointing(StatTrackerState(self.stat_tracker))
+        for tracker in self.stat_trackers:
+            self.accelerator.register_for_checkpointing(StatTrackerState(tracker))
+        for source in self._prompt_sources:  # a resumed run draws the prompts an uninterrupted one would
+            if has_state(source):
+                self.accelerator.register_for_checkpointing(source)
         for callback in self.callbacks:
             self._checkpoint_callback_state(callback)
         self.pretraining = None  # image-caption batches of the pretraining loss; their position is checkpointed
@@ -275,6 +329,13 @@ class TDPOTrainer(DDPOTrainer):
         (callback,) = check_callbacks([callback])
         self._checkpoint_callback_state(callback)
         self.callbacks.append(callback)
+
+    def _prompt_repeats(self, task: Task) -> int:
+        """`config.prompt_repeats`, or the reward's `default_prompt_repeats` (distribution-level rewards), else 1."""
+        config = self.config
+        repeats = config.prompt_repeats or getattr(task.reward_function, "default_prompt_repeats", 1)
+        check_prompt_repeats(repeats, config.sample_batch_size * config.sample_num_batches_per_epoch)
+        return repeats
 
     def _checkpoint_callback_state(self, callback: TDPOCallback):
         """Callback state (e.g. reset counts, RNG) travels with checkpoints."""
@@ -404,13 +465,20 @@ class TDPOTrainer(DDPOTrainer):
                 latents.flatten(0, 1), self.sd_pipeline.vae, batch_size=self.config.critic_encode_batch_size
             )  # (B*T, D)
             sample["critic_features"] = features.view(batch, steps, -1)
+            task_index = torch.full((batch, steps), self._task_index, device=features.device)
             with torch.no_grad():
-                sample["values"] = head(sample["critic_features"]).float()  # (B, T)
+                sample["values"] = head(sample["critic_features"], task_index).float()  # (B, T)
         return samples, prompt_image_pairs
 
     def compute_rewards(self, prompt_image_pairs, is_async=False):
         """Score each sampled batch with the reward function (in the thread pool if `is_async`), checking what it
-        returns. Returns `(rewards, metadata)`: per batch a `(B,)` float32 tensor and the function's metadata."""
+        returns. Returns `(rewards, metadata)`: per batch a `(B,)` float32 tensor and the function's metadata.
+
+        A distribution-level reward instead scores the epoch's batch of every process at once
+        (`_distribution_rewards`).
+        """
+        if is_distribution_reward(self.reward_fn):
+            return self._distribution_rewards(self.reward_fn, list(prompt_image_pairs))
 
         def score(pair):
             images, prompts, prompt_metadata = pair[:3]
@@ -421,12 +489,36 @@ class TDPOTrainer(DDPOTrainer):
         rewards, metadata = zip(*results)
         return [r.to(self.accelerator.device) for r in rewards], list(metadata)
 
+    def _distribution_rewards(self, function: DistributionReward, prompt_image_pairs: list):
+        """Per-sample features on each process, gathered; rewards from the whole batch (every process computes the
+        same ones); this process's rows, split back into its sampled batches. So the batch a distribution is measured
+        on is the epoch's samples of all processes, and 1 or 2 processes give the same rewards for the same samples.
+        """
+        name = f"distribution reward {reward_name(function)!r}"
+        features, prompts = [], []
+        for images, batch_prompts, metadata, *_ in prompt_image_pairs:
+            batch_features = torch.as_tensor(function.features(images, batch_prompts, metadata))
+            if batch_features.dim() != 2 or len(batch_features) != len(images):
+                raise ValueError(
+                    f"{name}: `features` returned shape {tuple(batch_features.shape)} for {len(images)} images; "
+                    "expected (batch, feature_dim)"
+                )
+            features.append(batch_features.float().to(self.accelerator.device))
+            prompts.extend(batch_prompts)
+        gathered = self.accelerator.gather(torch.cat(features))  # (N_all, D), process-major as `_local_rows` reads
+        all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+        rewards, info = check_reward_output(function.rewards_from_features(gathered, all_prompts), len(gathered), name)
+        local = self._local_rows(rewards.to(self.accelerator.device))  # (n_local,)
+        sizes = [len(pair[0]) for pair in prompt_image_pairs]
+        return list(local.split(sizes)), [info] * len(sizes)
+
     # ------------------------------------------------------------------ advantages
 
     def _normalized_rewards(
         self, rewards: np.ndarray, prompt_ids: Optional[torch.Tensor], epoch: Optional[int] = None
     ) -> np.ndarray:
-        """Per-prompt (as DDPO's tracker) or batch-wise normalization of the gathered rewards `(N_all,)`.
+        """Per-prompt (as DDPO's tracker, one per task) or batch-wise normalization of the rewards `(N_all,)`
+        gathered over all processes (`reward_normalization`): every process computes the same numbers.
 
         Either way a NaN or infinite reward is left out of the statistics and its sample gets advantage 0.
         """
@@ -441,10 +533,10 @@ class TDPOTrainer(DDPOTrainer):
         if self.config.per_prompt_stat_tracking:
             prompt_ids = self.accelerator.gather(prompt_ids).cpu().numpy()
             prompts = np.asarray(self.sd_pipeline.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True))
-            normalized[finite] = self.stat_tracker.update(prompts[finite], rewards[finite])
+            tracker = self.stat_trackers[self._task_index]
+            normalized[finite] = tracker.update(prompts[finite], rewards[finite])
         else:
-            valid = rewards[finite]
-            normalized[finite] = (valid - valid.mean()) / (valid.std() + 1e-8)
+            normalized[finite] = batch_normalize(rewards[finite])
         return normalized
 
     def _compute_advantages(self, samples: dict, normalized_rewards: np.ndarray) -> dict[str, float]:
@@ -501,29 +593,47 @@ class TDPOTrainer(DDPOTrainer):
     def evaluate_heldout(self, epoch: Optional[int] = None) -> dict[str, float]:
         """Sample the fixed, seeded held-out prompts and score them with the target and the eval rewards.
 
-        Returns `heldout/<name>/mean|std` (`target` for the training reward). Seeded on its own: the training RNG is
-        untouched. Every process computes the same numbers; the main one saves an image grid to
-        `<project_dir>/heldout/epoch_<epoch>.png`.
+        Returns `heldout/<name>/mean|std` (`target` for the training reward; with several tasks
+        `task/<task>/heldout/...`, each task on its own held-out prompts with its own reward). Seeded on its own: the
+        training RNG is untouched. Every process computes the same numbers; the main one saves an image grid to
+        `<project_dir>/heldout/epoch_<epoch>.png` (`<task>_epoch_<epoch>.png`).
         """
-        config = self.config
-        if self._heldout_prompts is None:
-            source = get_prompt_function(config.eval_prompts, seed=config.eval_seed)
-            self._heldout_prompts = [source()[0] for _ in range(config.eval_num_prompts)]
-        with self.autocast():
-            images = sample_images(
-                self.sd_pipeline.sd_pipeline,
-                self._heldout_prompts,
-                seed=config.eval_seed,
-                num_inference_steps=config.sample_num_steps,
-                guidance_scale=config.sample_guidance_scale,
-                eta=config.sample_eta,
-                batch_size=config.sample_batch_size,
-            )
-        rewards = {"target": self.reward_fn, **self.eval_reward_functions}
-        scores = score_images(rewards, images.to(self.accelerator.device), self._heldout_prompts)
-        if self.accelerator.is_main_process and epoch is not None:
-            save_image_grid(images, os.path.join(self.accelerator.project_dir, "heldout", f"epoch_{epoch}.png"))
-        return mean_std(scores, "heldout")
+        config, stats = self.config, {}
+        for index, task in enumerate(self.tasks):
+            prompts = self._task_heldout_prompts(index)
+            with self.autocast():
+                images = sample_images(
+                    self.sd_pipeline.sd_pipeline,
+                    prompts,
+                    seed=config.eval_seed,
+                    num_inference_steps=config.sample_num_steps,
+                    guidance_scale=config.sample_guidance_scale,
+                    eta=config.sample_eta,
+                    batch_size=config.sample_batch_size,
+                )
+            rewards = {"target": task.reward_function, **self.eval_reward_functions}
+            scores = score_images(rewards, images.to(self.accelerator.device), prompts)
+            if self.accelerator.is_main_process and epoch is not None:
+                name = f"{task.name}_epoch_{epoch}.png" if self.multi_task else f"epoch_{epoch}.png"
+                save_image_grid(images, os.path.join(self.accelerator.project_dir, "heldout", name))
+            stats.update({self._task_key(index, k): v for k, v in mean_std(scores, "heldout").items()})
+        return stats
+
+    def _task_heldout_prompts(self, index: int) -> list[str]:
+        """Task `index`'s held-out prompts: its `eval_prompts` (a list, or a spec drawn `eval_num_prompts` times
+        with `eval_seed`), else the config's `eval_prompts`. Repeated as the task's training prompts are."""
+        if index not in self._heldout_prompts:
+            config, task = self.config, self.tasks[index]
+            spec = task.eval_prompts if task.eval_prompts is not None else config.eval_prompts
+            if isinstance(spec, (list, tuple)):
+                prompts = list(spec)
+            else:
+                source = get_prompt_function(spec, seed=config.eval_seed)
+                repeats = self.prompt_repeats[index]
+                prompts = [p for _ in range(-(-config.eval_num_prompts // repeats)) for p in [source()[0]] * repeats]
+                prompts = prompts[: max(config.eval_num_prompts, repeats)]
+            self._heldout_prompts[index] = prompts
+        return self._heldout_prompts[index]
 
     def _local_rows(self, gathered: torch.Tensor) -> torch.Tensor:
         """This process's rows of a tensor gathered over processes: (N_all, ...) -> (N_all / P, ...)."""
@@ -533,9 +643,89 @@ class TDPOTrainer(DDPOTrainer):
     # ------------------------------------------------------------------ training
 
     def step(self, epoch: int, global_step: int) -> int:
-        """Sample, score, and train on one epoch of trajectories. Returns the updated global step."""
+        """Sample, score, and train on one epoch of trajectories (of every task). Returns the updated global step."""
         config = self.config
         call_event(self.callbacks, "on_epoch_begin", self, epoch=epoch, global_step=global_step)
+        start = time.perf_counter()
+        stats = {"epoch": epoch}
+        task_samples, times = [], defaultdict(float)
+        for index in range(len(self.tasks)):
+            samples, task_stats = self._collect(index, epoch, global_step, times)
+            task_samples.append(samples)
+            stats.update({self._task_key(index, k): v for k, v in task_stats.items()})
+        collected = time.perf_counter()
+
+        # sequential: one pass per task, in order (the paper); weighted (or one task): one pass over all samples
+        if config.multi_task_update == "sequential":
+            groups = task_samples
+        else:
+            groups = [{k: torch.cat([s[k] for s in task_samples]) for k in task_samples[0]}]
+        train_info = defaultdict(list)
+        for samples in groups:
+            for inner_epoch in range(config.train_num_inner_epochs):
+                batched = self._shuffle_and_batch(samples)
+                global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched, train_info)
+                if not self.accelerator.sync_gradients:
+                    raise RuntimeError(
+                        "an inner epoch ended between optimizer steps; check gradient accumulation settings"
+                    )
+        trained = time.perf_counter()
+
+        stats.update(self._skipped_step_stats(train_info, epoch))  # takes the grad norms out of `train_info`
+        stats.update(self._reduce_info(train_info))
+        if config.eval_freq and (epoch + 1) % config.eval_freq == 0:  # the model as this epoch leaves it
+            stats.update(self.evaluate_heldout(epoch))
+        evaluated = time.perf_counter()
+        if len(groups) == 1:  # what the callbacks see (e.g. the critic features neuron reset scores): all tasks
+            all_samples = groups[0]
+        else:
+            all_samples = {k: torch.cat([s[k] for s in task_samples]) for k in task_samples[0]}
+        call_event(
+            self.callbacks,
+            "on_epoch_end",
+            self,
+            epoch=epoch,
+            global_step=global_step,
+            samples=all_samples,
+            metrics=stats,
+        )
+        finished = time.perf_counter()
+        stats.update(
+            {
+                "time/sampling_s": times["sampling"],
+                "time/reward_s": times["reward"],
+                "time/advantages_s": collected - start - times["sampling"] - times["reward"],
+                "time/training_s": trained - collected,
+                "time/heldout_s": evaluated - trained,
+                "time/callbacks_s": finished - evaluated,
+                "time/epoch_s": finished - start,
+            }
+        )
+        self.progress.epoch, self.progress.global_step = epoch + 1, global_step
+        self.log(stats, step=global_step)
+
+        if (epoch + 1) % config.save_freq == 0:
+            output_dir = self.save_checkpoint()
+            call_event(self.callbacks, "on_save", self, output_dir=output_dir, epoch=epoch, global_step=global_step)
+        return global_step
+
+    def _task_key(self, index: int, key: str) -> str:
+        """A task's metric name: `task/<name>/<key>` with several tasks, `<key>` with one."""
+        return f"task/{self.tasks[index].name}/{key}" if self.multi_task else key
+
+    def _use_task(self, index: int):
+        """Point `prompt_fn` / `reward_fn` (which TRL's `_generate_samples` and `compute_rewards` call) at a task."""
+        self._task_index = index
+        self.prompt_fn, self.reward_fn = self._prompt_fns[index], self.tasks[index].reward_function
+
+    def _collect(self, index: int, epoch: int, global_step: int, times: dict) -> tuple[dict, dict]:
+        """Sample task `index`, score it with its reward, normalize its rewards and compute its advantages.
+
+        Returns the collated samples (each entry `(n_local, ...)`, with `advantages` scaled by the task's weight in
+        multi-task runs and `task_index`) and the task's metrics.
+        """
+        config, task = self.config, self.tasks[index]
+        self._use_task(index)
         start = time.perf_counter()
         samples, prompt_image_data = self._generate_samples(
             config.sample_num_batches_per_epoch, config.sample_batch_size
@@ -552,59 +742,30 @@ class TDPOTrainer(DDPOTrainer):
             self.image_samples_callback(prompt_image_data, global_step, tracker)
         rewards = self.accelerator.gather(torch.cat(rewards).float()).cpu().numpy()  # (N_all,)
         scored = time.perf_counter()
+        times["sampling"] += sampled - start
+        times["reward"] += scored - sampled
 
         if config.kl_coef > 0 and config.kl_penalty == "reward":
             samples["kl_ref"] = self._sampled_kl(samples)  # (n, T)
-        normalized = self._normalized_rewards(rewards, samples["prompt_ids"], epoch)
+        normalized = self._normalized_rewards(rewards, samples.pop("prompt_ids"), epoch)
         finite = rewards[np.isfinite(rewards)]
-        stats = {"epoch": epoch, "reward/mean": float(finite.mean()), "reward/std": float(finite.std())}
+        stats = {"reward/mean": float(finite.mean()), "reward/std": float(finite.std())}
         stats["reward/invalid_count"] = int(len(rewards) - len(finite))
         if stats["reward/invalid_count"]:
             logger.warning(
-                f"epoch {epoch}: {stats['reward/invalid_count']} of {len(rewards)} rewards were NaN or infinite; "
-                "they are left out of the reward statistics and their samples get advantage 0"
+                f"epoch {epoch}{f' task {task.name!r}' if self.multi_task else ''}: {stats['reward/invalid_count']} "
+                f"of {len(rewards)} rewards were NaN or infinite; they are left out of the reward statistics and "
+                "their samples get advantage 0"
             )
+        if isinstance(rewards_metadata[0], dict) and "group_score" in rewards_metadata[0]:  # distribution-level
+            stats["reward/group_score"] = float(rewards_metadata[0]["group_score"])
         stats.update(self._reward_component_stats(rewards_metadata))
         stats.update(self._eval_reward_stats(prompt_image_data))
         stats.update(self._compute_advantages(samples, normalized))
-        del samples["prompt_ids"]
-
-        train_info = defaultdict(list)
-        for inner_epoch in range(config.train_num_inner_epochs):
-            batched = self._shuffle_and_batch(samples)
-            global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched, train_info)
-            if not self.accelerator.sync_gradients:
-                raise RuntimeError(
-                    "an inner epoch ended between optimizer steps; check gradient accumulation settings"
-                )
-        trained = time.perf_counter()
-
-        stats.update(self._skipped_step_stats(train_info, epoch))  # takes the grad norms out of `train_info`
-        stats.update(self._reduce_info(train_info))
-        if config.eval_freq and (epoch + 1) % config.eval_freq == 0:  # the model as this epoch leaves it
-            stats.update(self.evaluate_heldout(epoch))
-        evaluated = time.perf_counter()
-        call_event(
-            self.callbacks, "on_epoch_end", self, epoch=epoch, global_step=global_step, samples=samples, metrics=stats
-        )
-        finished = time.perf_counter()
-        stats.update(
-            {
-                "time/sampling_s": sampled - start,
-                "time/reward_s": scored - sampled,
-                "time/training_s": trained - scored,
-                "time/heldout_s": evaluated - trained,
-                "time/callbacks_s": finished - evaluated,
-                "time/epoch_s": finished - start,
-            }
-        )
-        self.progress.epoch, self.progress.global_step = epoch + 1, global_step
-        self.log(stats, step=global_step)
-
-        if (epoch + 1) % config.save_freq == 0:
-            output_dir = self.save_checkpoint()
-            call_event(self.callbacks, "on_save", self, output_dir=output_dir, epoch=epoch, global_step=global_step)
-        return global_step
+        if self.multi_task:
+            samples["advantages"] = samples["advantages"] * task.weight  # scales this task's policy loss
+        samples["task_index"] = torch.full((len(samples["timesteps"]),), index, device=self.accelerator.device)
+        return samples, stats
 
     def save_checkpoint(self) -> str:
         """Write the next `checkpoint_<i>` (every process must call this) and rotate old ones. Returns its path."""
@@ -692,8 +853,9 @@ class TDPOTrainer(DDPOTrainer):
                     info[name].append(value.detach())
                 if self.critic is not None:
                     critic_loss, value_clipfrac = self.critic_loss(
-                        sample["critic_features"][:, j], sample["values"][:, j], sample["returns"][:, j]
-                    )
+                        sample["critic_features"][:, j], sample["values"][:, j], sample["returns"][:, j],
+                        sample["task_index"],
+                    )  # fmt: skip
                     info["critic/loss"].append(critic_loss.detach())
                     info["critic/value_clipfrac"].append(value_clipfrac.detach())
                     loss = loss + self.config.critic_loss_coef * critic_loss
@@ -790,16 +952,23 @@ class TDPOTrainer(DDPOTrainer):
         uncond, cond = prediction.chunk(2)
         return uncond + self.config.sample_guidance_scale * (cond - uncond)
 
-    def critic_loss(self, features, old_values, returns):
-        """Clipped value loss of one denoising step from cached features `(B, D)`. Returns `(loss, clipfrac)`."""
-        values = self.critic_head(features)  # (B,)
+    def critic_loss(self, features, old_values, returns, task_index=None):
+        """Clipped value loss of one denoising step from cached features `(B, D)` (each row valued for its task,
+        `task_index` `(B,)`). Returns `(loss, clipfrac)`."""
+        values = self.critic_head(features, task_index)  # (B,)
         return clipped_value_loss(values, old_values, returns, self.config.critic_value_clip_range)
 
     # ------------------------------------------------------------------ saving and sharing
 
     def reward_names(self) -> list[str]:
-        names = getattr(self.reward_fn, "reward_names", None)  # a combined reward lists its components
-        return list(names) if names else [reward_name(self.reward_fn)]
+        """The trained rewards, for the model card (with several tasks: `<task>: <reward>`)."""
+        names = []
+        for task in self.tasks:
+            function = task.reward_function
+            found = getattr(function, "reward_names", None)  # a combined reward lists its components
+            found = list(found) if found else [reward_name(function)]
+            names.extend(f"{task.name}: {n}" for n in found) if self.multi_task else names.extend(found)
+        return names
 
     def base_model_id(self) -> Optional[str]:
         """The base model's Hub id, if the pipeline was loaded by id (not from a local folder or built in memory)."""
@@ -919,7 +1088,13 @@ class TDPOTrainer(DDPOTrainer):
         call_event(self.callbacks, "on_train_begin", self, epoch=self.progress.epoch, global_step=global_step)
         for epoch in bar:
             global_step = self.step(epoch, global_step)
-            bar.set_postfix(reward=f"{self.log_history[-1]['reward/mean']:.4f}")
+            record = self.log_history[-1]
+            bar.set_postfix(
+                {
+                    task.name if self.multi_task else "reward": f"{record[self._task_key(i, 'reward/mean')]:.4f}"
+                    for i, task in enumerate(self.tasks)
+                }
+            )
             if self.should_stop:
                 logger.warning(f"training stopped by a callback after epoch {epoch}")
                 break

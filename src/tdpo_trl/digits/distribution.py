@@ -1,0 +1,39 @@
+"""Distribution-level rewards on the embedded digits model, read by its shipped classifier."""
+
+from typing import Optional
+
+import torch
+
+from ..distribution_rewards import Diversity, StatisticalParity
+from .judges import grayscale, shared_judges
+
+
+class DigitParity(StatisticalParity):
+    """`digit_parity`: the drawn digits' class distribution should be uniform over 0-9 (statistical parity with the
+    shipped classifier as the attribute classifier; total-variation distance). For prompts that name no digit,
+    e.g. "a handwritten digit", which the base model answers with a 4 most of the time."""
+
+    name = "digit_parity"
+
+    def __init__(self, judges_path: Optional[str] = None, **kwargs):
+        super().__init__(self._probabilities, **kwargs)
+        self.judges_path = judges_path
+
+    def _probabilities(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 10)
+        classifier = shared_judges(self.judges_path).classifier
+        return classifier(grayscale(images.float().cpu())).softmax(-1).to(images.device)
+
+
+class DigitDiversity(Diversity):
+    """`digit_diversity`: within-prompt diversity in the shipped classifier's 64-d feature space (cosine distance),
+    i.e. variety of style among the images of one prompt."""
+
+    name = "digit_diversity"
+
+    def __init__(self, judges_path: Optional[str] = None, **kwargs):
+        super().__init__(encoder=self._features, **kwargs)
+        self.judges_path = judges_path
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 64)
+        classifier = shared_judges(self.judges_path).classifier
+        return classifier.features(grayscale(images.float().cpu())).to(images.device)

@@ -159,11 +159,10 @@ class StatisticalParity(DistributionReward):
         if distance not in DISTANCES:
             raise ValueError(f"`distance` must be one of {DISTANCES}, got {distance!r}")
         if target is not None:
-            target = torch.as_tensor(target, dtype=torch.float32)
+            given, target = target, torch.as_tensor(target, dtype=torch.float32)
             if target.dim() != 1 or (target < 0).any() or abs(target.sum().item() - 1) > 1e-4:
-                raise ValueError(
-                    f"`target` must be a 1-d distribution (non-negative, sums to 1), got {target.tolist()}"
-                )
+                shown = given.tolist() if isinstance(given, torch.Tensor) else given
+                raise ValueError(f"`target` must be a 1-d distribution (non-negative, sums to 1), got {shown}")
         self.attribute_classifier, self.target, self.distance, self.hard = attribute_classifier, target, distance, hard
 
     def features(self, images, prompts=None, metadata=None):

@@ -73,12 +73,13 @@ class ValueHead(nn.Sequential):
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: torch.Tensor, task_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # (..., input_dim) -> (...): the value of each row's task (`task_index` (...) long) when there are several
+        # (..., input_dim) -> (...); with several outputs, each row's task's value (`task_index` (...) long), or
+        # without `task_index` all of them (..., num_outputs)
         values = super().forward(features)  # (..., num_outputs)
         if self.num_outputs == 1:
             return values.squeeze(-1)
         if task_index is None:
-            raise ValueError(f"this critic head has {self.num_outputs} outputs (one per task); pass `task_index`")
+            return values
         index = task_index.to(values.device).long().expand(values.shape[:-1])
         return values.gather(-1, index.unsqueeze(-1)).squeeze(-1)
 

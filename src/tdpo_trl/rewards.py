@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
-from .digits.distribution import DigitDiversity, DigitParity
+from .digits.distribution import DigitDiversity, DigitParity, DigitParityIndependent
 from .digits.independent_judge import DigitAccuracyIndependent
 from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
 from .distribution_rewards import Diversity
@@ -258,6 +258,7 @@ REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "diversity": Diversity,
     "digit_parity": DigitParity,
     "digit_diversity": DigitDiversity,
+    "digit_parity_independent": DigitParityIndependent,  # scikit-learn judge; an eval metric
 }
 
 

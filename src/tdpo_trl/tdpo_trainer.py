@@ -174,7 +174,8 @@ class TDPOTrainer(DDPOTrainer):
         self._prompt_fns = [CheckedPromptFunction(source) for source in self._prompt_sources]
         self.reward_fn = self.tasks[0].reward_function  # the task being sampled (TRL's names); set per task in `step`
         self.prompt_fn = self._prompt_fns[0]
-        self._task_index = 0
+        self._task_index = 0  # the task being sampled and scored
+        self.training_task: Optional[str] = None  # the task being trained (`step`)
         self.sd_pipeline = sd_pipeline
         self.image_samples_callback = image_samples_hook
         self.num_train_timesteps = config.num_train_timesteps
@@ -661,7 +662,9 @@ class TDPOTrainer(DDPOTrainer):
         else:
             groups = [{k: torch.cat([s[k] for s in task_samples]) for k in task_samples[0]}]
         train_info = defaultdict(list)
-        for samples in groups:
+        for group_index, samples in enumerate(groups):
+            # the task being trained (for callbacks); None when a minibatch mixes tasks
+            self.training_task = self.tasks[group_index].name if len(groups) == len(self.tasks) else None
             for inner_epoch in range(config.train_num_inner_epochs):
                 batched = self._shuffle_and_batch(samples)
                 global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched, train_info)
@@ -669,6 +672,7 @@ class TDPOTrainer(DDPOTrainer):
                     raise RuntimeError(
                         "an inner epoch ended between optimizer steps; check gradient accumulation settings"
                     )
+        self.training_task = None
         trained = time.perf_counter()
 
         stats.update(self._skipped_step_stats(train_info, epoch))  # takes the grad norms out of `train_info`

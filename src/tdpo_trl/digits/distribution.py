@@ -37,3 +37,21 @@ class DigitDiversity(Diversity):
     def _features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 64)
         classifier = shared_judges(self.judges_path).classifier
         return classifier.features(grayscale(images.float().cpu())).to(images.device)
+
+
+class DigitParityIndependent(StatisticalParity):
+    """`digit_parity_independent`: the class distribution's total-variation distance to uniform as read by the
+    independent scikit-learn judge (`tdpo_trl.digits.independent_judge`; hard labels). An eval metric that shares
+    nothing with `digit_parity`'s classifier. Needs scikit-learn."""
+
+    name = "digit_parity_independent"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("hard", True)
+        super().__init__(self._one_hot, **kwargs)
+
+    @staticmethod
+    def _one_hot(images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 10)
+        from .independent_judge import independent_labels
+
+        return torch.nn.functional.one_hot(independent_labels(images).long(), 10).float().to(images.device)

@@ -6,6 +6,10 @@
     # the shipped digits model on the learned ink reward (what `tdpo-trl demo` runs, without its report)
     tdpo-trl train --pretrained_model digits --reward digit_ink --prompts digits
 
+    # fairness: a uniform digit distribution for a prompt that names no digit (a distribution-level reward)
+    echo "a handwritten digit" > prompts.txt
+    tdpo-trl train --pretrained_model digits --reward digit_parity --prompts prompts.txt
+
     # Stable Diffusion on a GPU, LoRA, the paper's critic (CLIP ViT-L/14 features)
     tdpo-trl train --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --use_lora \\
         --reward aesthetic --eval_reward_functions pickscore --num_epochs 100 --sample_batch_size 8 \\
@@ -16,6 +20,7 @@ sized for them (`TINY_DEFAULTS`, `DIGITS_DEFAULTS`); any flag given on the comma
 metrics are appended to `<project_dir>/metrics.jsonl`.
 """
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,10 +28,11 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from ..cli import one_line_errors
+from ..distribution_rewards import is_distribution_reward
 from ..loading import check_model_reference
 from ..pipeline import TDPOStableDiffusionPipeline
 from ..prompts import get_prompt_function
-from ..rewards import get_reward_function
+from ..rewards import REWARD_FUNCTIONS, get_reward_function
 from ..tdpo_config import TDPOConfig
 from ..tdpo_trainer import TDPOTrainer
 from ..tiny_models import TINY_TRAINING_DEFAULTS, left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
@@ -80,6 +86,13 @@ DIGITS_DEFAULTS = dict(
 )
 MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "digits": DIGITS_DEFAULTS}
 
+# A distribution-level reward (`--reward digit_parity`, `diversity`, ...) is measured on the training prompts: they
+# become the held-out prompts (unless `--eval_prompts` says otherwise), drawn often enough to estimate a distribution.
+DISTRIBUTION_DEFAULTS = dict(eval_num_prompts=64, eval_freq=10)
+# On digits, prompts that name no digit have no prompted-digit accuracy: the class distribution is judged instead,
+# by the independent scikit-learn judge when it is installed.
+DIGITS_DISTRIBUTION_EVALS = ["digit_realism", "digit_nearest_real", "digit_stroke_mass"]
+
 
 @dataclass
 class ScriptArguments:
@@ -125,6 +138,13 @@ def parse_args(argv: Optional[list[str]] = None, defaults: Optional[dict] = None
     parser.prog = "tdpo-trl train"
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**MODEL_DEFAULTS.get(known.pretrained_model, {}), **(defaults or {}))
+    known, _ = parser.parse_known_args(argv)  # the reward and prompts the model's defaults name
+    if is_distribution_reward(REWARD_FUNCTIONS.get(known.reward)):
+        parser.set_defaults(eval_prompts=known.prompts, **DISTRIBUTION_DEFAULTS)
+        if known.pretrained_model == "digits":
+            has_sklearn = importlib.util.find_spec("sklearn") is not None
+            judges = (["digit_parity_independent"] if has_sklearn else []) + DIGITS_DISTRIBUTION_EVALS
+            parser.set_defaults(eval_reward_functions=judges)
     return parser.parse_args_into_dataclasses(argv)
 
 

@@ -1,0 +1,177 @@
+"""Distribution-level rewards: diversity, statistical parity, leave-one-out credit, prompt repeats, and the trainer's
+batch (gathered features, wrong outputs refused)."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from tdpo_trl import TDPOTrainer
+from tdpo_trl.distribution_rewards import Diversity, StatisticalParity, prompt_groups
+from tdpo_trl.evaluation import score_images
+from tdpo_trl.prompts import PromptSource, RepeatedPrompts
+from tdpo_trl.rewards import get_reward_function
+from tdpo_trl.tiny_models import mean_brightness
+
+
+def flat_encoder(images):
+    return images.flatten(1)
+
+
+def one_hot_by_brightness(images):
+    """A 3-class 'attribute classifier': the class is which third of [0, 1] the mean brightness falls in."""
+    classes = (images.mean(dim=(1, 2, 3)) * 3).clamp(0, 2.999).long()
+    return torch.nn.functional.one_hot(classes, 3).float()
+
+
+def images_of_classes(classes: list[int]) -> torch.Tensor:
+    brightness = torch.tensor([(c + 0.5) / 3 for c in classes])
+    return brightness[:, None, None, None].expand(-1, 3, 4, 4).clone()
+
+
+def test_diversity_is_higher_for_distinct_images_than_for_copies():
+    torch.manual_seed(0)
+    distinct = torch.rand(6, 3, 8, 8)
+    copies = distinct[:1].expand(6, -1, -1, -1)
+    reward = Diversity(encoder=flat_encoder)
+    prompts = ["a cat"] * 6
+    assert reward.batch_score(distinct, prompts) > 0.05
+    assert reward.batch_score(copies, prompts) == pytest.approx(0.0, abs=1e-6)
+    # groups are per prompt: two prompts of identical copies each score 0, however different the groups are
+    mixed = torch.cat([copies[:3], (1 - copies)[:3]])
+    assert reward.batch_score(mixed, ["a"] * 3 + ["b"] * 3) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_diversity_leave_one_out_credits_the_odd_image_out():
+    torch.manual_seed(0)
+    base = torch.rand(1, 3, 8, 8)
+    images = torch.cat([base.expand(4, -1, -1, -1), torch.rand(1, 3, 8, 8)])  # 4 copies and one different image
+    rewards, info = Diversity(encoder=flat_encoder)(images, ["a cat"] * 5)
+    assert rewards[4] > 0, "the image that makes the group diverse gets positive credit"
+    assert (rewards[:4] < 0).all(), "each copy lowers the group's diversity"
+    assert info["num_groups"] == 1
+
+
+def test_parity_is_best_for_a_balanced_batch_and_falls_with_imbalance():
+    reward = StatisticalParity(one_hot_by_brightness)
+    prompts = ["a person"] * 6
+    balanced = reward.batch_score(images_of_classes([0, 1, 2, 0, 1, 2]), prompts)
+    skewed = reward.batch_score(images_of_classes([0, 0, 0, 0, 1, 2]), prompts)
+    collapsed = reward.batch_score(images_of_classes([0] * 6), prompts)
+    assert balanced == pytest.approx(0.0, abs=1e-6)  # -TV, 0 at the target
+    assert balanced > skewed > collapsed
+    assert collapsed == pytest.approx(-2 / 3)  # TV((1, 0, 0), uniform)
+    # a target other than uniform
+    only_first = StatisticalParity(one_hot_by_brightness, target=[1.0, 0.0, 0.0])
+    assert only_first.batch_score(images_of_classes([0] * 6), prompts) == pytest.approx(0.0, abs=1e-6)
+    kl = StatisticalParity(one_hot_by_brightness, distance="kl")
+    assert kl.batch_score(images_of_classes([0, 1, 2]), ["p"] * 3) == pytest.approx(0.0, abs=1e-6)
+    assert kl.batch_score(images_of_classes([0, 0, 1]), ["p"] * 3) < 0
+
+
+def test_parity_leave_one_out_has_the_right_sign():
+    reward = StatisticalParity(one_hot_by_brightness)
+    rewards, _ = reward(images_of_classes([0, 0, 0, 0, 1, 2]), ["a person"] * 6)
+    assert (rewards[:4] < 0).all(), "samples of the over-represented class move the batch away from uniform"
+    assert (rewards[4:] > 0).all(), "samples of the rare classes move it toward uniform"
+    shared = StatisticalParity(one_hot_by_brightness, credit="shared")
+    rewards, _ = shared(images_of_classes([0, 0, 0, 0, 1, 2]), ["a person"] * 6)
+    assert torch.allclose(rewards, torch.full((6,), -1 / 3))
+
+
+def test_bad_distribution_reward_arguments_name_the_value():
+    with pytest.raises(ValueError, match="'best'"):
+        Diversity(encoder=flat_encoder, credit="best")
+    with pytest.raises(ValueError, match="'hellinger'"):
+        StatisticalParity(one_hot_by_brightness, distance="hellinger")
+    with pytest.raises(ValueError, match=r"\[0.5, 0.2\]"):
+        StatisticalParity(one_hot_by_brightness, target=[0.5, 0.2])
+    with pytest.raises(ValueError, match="has 2 classes but the attribute classifier returns 3"):
+        StatisticalParity(one_hot_by_brightness, target=[0.5, 0.5]).batch_score(images_of_classes([0, 1]), ["a", "a"])
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        StatisticalParity(lambda images: torch.ones(len(images))).batch_score(images_of_classes([0, 1]), ["a", "a"])
+
+
+def test_prompt_groups_and_repeated_prompts():
+    assert [g.tolist() for g in prompt_groups(["a", "b", "a", "c"])] == [[0, 2], [1], [3]]
+    source = RepeatedPrompts(PromptSource(["x", "y", "z"], seed=3), k=3)
+    drawn = [source()[0] for _ in range(9)]
+    assert [len(set(drawn[i : i + 3])) for i in range(0, 9, 3)] == [1, 1, 1]
+    # its state (and its inner source's) resumes the same stream mid-group
+    first = RepeatedPrompts(PromptSource(["x", "y", "z"], seed=3), k=3)
+    [first() for _ in range(4)]
+    second = RepeatedPrompts(PromptSource(["x", "y", "z"], seed=99), k=3)
+    second.load_state_dict(first.state_dict())
+    assert [second()[0] for _ in range(5)] == [first()[0] for _ in range(5)]
+    with pytest.raises(ValueError, match="got 0"):
+        RepeatedPrompts(source, k=0)
+
+
+def test_digit_rewards_by_name():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16)
+    parity = get_reward_function("digit_parity")
+    rewards, info = parity(images, ["a handwritten digit"] * 8)
+    assert rewards.shape == (8,) and -1 <= info["group_score"] <= 0
+    diversity = get_reward_function("digit_diversity")
+    assert diversity.default_prompt_repeats == 4
+    assert diversity.batch_score(images, ["p"] * 8) > diversity.batch_score(
+        images[:1].expand(8, -1, -1, -1), ["p"] * 8
+    )
+    # in score_images (held-out evaluation) a distribution reward is its batch score, shared by every image
+    scores = score_images({"parity": parity, "brightness": mean_brightness}, images, ["a handwritten digit"] * 8)
+    assert torch.allclose(scores["parity"], torch.full((8,), info["group_score"]))
+
+
+class CountingDiversity(Diversity):
+    """Diversity of flattened pixels that records the batches its features and rewards were computed on."""
+
+    def __init__(self, rewards_override=None):
+        super().__init__(encoder=flat_encoder)
+        self.feature_calls, self.reward_batches, self.rewards_override = 0, [], rewards_override
+
+    def features(self, images, prompts, metadata=None):
+        self.feature_calls += 1
+        return super().features(images, prompts, metadata)
+
+    def rewards_from_features(self, features, prompts):
+        self.reward_batches.append(list(prompts))
+        if self.rewards_override is not None:
+            return self.rewards_override(features), {}
+        return super().rewards_from_features(features, prompts)
+
+
+def test_trainer_scores_the_whole_epoch_in_groups_of_repeated_prompts(tmp_path, tiny_pipeline):
+    reward = CountingDiversity()
+    prompts = PromptSource(["a cat", "a dog", "a cow"], seed=0)
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), reward, prompts, tiny_pipeline)
+    assert trainer.prompt_repeats == [4], "the reward's default_prompt_repeats is used when the config leaves it"
+    trainer.train()
+    (batch,) = reward.reward_batches  # one call per epoch, on all 8 samples (2 sampled batches)
+    assert len(batch) == 8 and reward.feature_calls == 2
+    assert batch[:4] == [batch[0]] * 4 and batch[4:] == [batch[4]] * 4
+    record = trainer.log_history[-1]
+    assert "reward/group_score" in record and record["reward/group_score"] >= 0
+
+
+def test_trainer_refuses_a_distribution_reward_with_the_wrong_number_of_rewards(tmp_path, tiny_pipeline):
+    reward = CountingDiversity(rewards_override=lambda features: torch.zeros(len(features) - 1))
+    trainer = TDPOTrainer(tiny_config(tmp_path), reward, lambda: ("a cat", {}), tiny_pipeline)
+    with pytest.raises(ValueError, match=r"distribution reward 'diversity' returned rewards .* for a batch of 8"):
+        trainer.train()
+
+
+def test_prompt_repeats_larger_than_the_batch_or_not_dividing_it(tmp_path, tiny_pipeline):
+    with pytest.raises(ValueError, match=r"`prompt_repeats` \(16\) is larger .* = 8"):
+        tiny_config(tmp_path, prompt_repeats=16)
+    with pytest.raises(ValueError, match=r"`prompt_repeats` \(3\) must divide .* = 8"):
+        tiny_config(tmp_path, prompt_repeats=3)
+    with pytest.raises(ValueError, match="got 0"):
+        tiny_config(tmp_path, prompt_repeats=0)
+    # a reward's default is checked against the batch too
+    with pytest.raises(ValueError, match=r"`prompt_repeats` \(4\) must divide .* = 6"):
+        TDPOTrainer(
+            tiny_config(tmp_path, sample_batch_size=3, train_batch_size=3),
+            CountingDiversity(),
+            lambda: ("a", {}),
+            tiny_pipeline,
+        )

@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -66,3 +67,33 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, mode):
         assert straight.keys() == resumed.keys()
         for name in straight:
             assert torch.equal(straight[name], resumed[name]), f"rank {rank}: {name} differs after resuming"
+
+
+def launch(nproc: int, script: str, *args):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        os.path.join(os.path.dirname(__file__), "scripts", script), *map(str, args),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_normalize_and_score_distributions_as_one(tmp_path):
+    """Batch-wise normalization and distribution-level rewards see the batch of all processes: 2 processes give
+    exactly what 1 process gives on the same samples."""
+    launch(1, "gather_two_processes.py", tmp_path)
+    launch(2, "gather_two_processes.py", tmp_path)
+    one = json.loads((tmp_path / "gather_1procs_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / f"gather_2procs_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    for two in ranks:
+        assert two["normalized"] == one["normalized"]
+        assert two["normalized"][5] == 0.0, "the NaN reward gets advantage 0"
+        for name in ("diversity", "parity"):
+            assert two[name] == pytest.approx(one[name], abs=1e-6), name
+            assert two[f"{name}_group_score"] == pytest.approx(one[f"{name}_group_score"], abs=1e-6)
+    finite = [r for i, r in enumerate(one["normalized"]) if i != 5]
+    assert abs(sum(finite)) < 1e-4 and any(r != 0 for r in one["parity"])

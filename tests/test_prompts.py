@@ -86,3 +86,28 @@ def test_dataset_errors(saved_dataset):
         DatasetPromptSource("parquet", "prompt", dataset=data)
     with pytest.raises(ValueError, match="is empty"):
         DatasetPromptSource("empty", "caption", dataset=data.select([]))
+
+
+def test_a_restored_stream_continues_with_the_prompts_an_uninterrupted_one_draws(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"prompt {i}\n" for i in range(50)))
+
+    def stream():
+        return DatasetPromptSource("text", "text", data_files=str(path), streaming=True, buffer_size=8, seed=3)
+
+    straight = stream()
+    drawn = [straight()[0] for _ in range(130)]  # more than two passes: each pass has its own shuffle
+    for stop in (7, 50, 64):  # mid-pass, at a pass boundary, in the second pass
+        first = stream()
+        [first() for _ in range(stop)]
+        resumed = stream()
+        resumed.load_state_dict(first.state_dict())
+        assert [resumed()[0] for _ in range(130 - stop)] == drawn[stop:], f"differs after a stop at {stop}"
+    assert sorted(drawn[:50]) == sorted(f"prompt {i}" for i in range(50)), "a pass yields every prompt once"
+    assert drawn[:50] != drawn[50:100], "the second pass is shuffled differently"
+    # the non-streamed and fixed-list sources restore their RNG the same way
+    fixed = PromptSource(["a", "b", "c"], seed=1)
+    [fixed() for _ in range(5)]
+    copy = PromptSource(["a", "b", "c"], seed=2)
+    copy.load_state_dict(fixed.state_dict())
+    assert [copy()[0] for _ in range(10)] == [fixed()[0] for _ in range(10)]

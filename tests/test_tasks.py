@@ -140,3 +140,17 @@ def test_resume_in_the_middle_of_a_multi_task_run_is_bit_exact(tmp_path):
     for name in ("bright", "left"):
         key = f"task/{name}/reward/mean"
         assert [r[key] for r in straight.log_history] == [r[key] for r in resumed.log_history]
+
+
+def test_train_command_reads_a_tasks_file(tmp_path):
+    from tdpo_trl.scripts import train
+
+    tasks = [
+        {"name": "bright", "reward": "tdpo_trl.tiny_models:mean_brightness", "prompts": "simple_animals"},
+        {"name": "left", "reward": "tdpo_trl.tiny_models:left_minus_right_brightness", "prompts": "simple_animals"},
+    ]
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    trainer = train.cli(["--tasks", str(tmp_path / "tasks.json"), "--num_epochs", "1", "--logdir", str(tmp_path)])
+    assert [t.name for t in trainer.tasks] == ["bright", "left"]
+    lines = (tmp_path / trainer.accelerator.project_dir / "metrics.jsonl").read_text().splitlines()
+    assert {"task/bright/reward/mean", "task/left/reward/mean"} <= set(json.loads(lines[-1]))

@@ -3,10 +3,12 @@
 __version__ = "0.1.0.dev0"
 
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
+from .distribution_rewards import DistributionReward, Diversity, StatisticalParity
 from .guard import OverOptimizationGuard
 from .modeling_critic import CLIPImageFeatures, LatentFeatures, TimestepCritic, ValueHead
 from .neuron_reset import ActiveNeuronResetCallback
 from .pipeline import TDPOStableDiffusionPipeline
+from .tasks import Task, load_tasks
 from .tdpo_config import TDPOConfig
 from .tdpo_trainer import TDPOTrainer
 from .trainer_callback import TDPOCallback
@@ -15,16 +17,21 @@ from .trainer_callback import TDPOCallback
 __all__ = [
     "ActiveNeuronResetCallback",
     "CLIPImageFeatures",
+    "DistributionReward",
+    "Diversity",
     "LatentFeatures",
     "OverOptimizationGuard",
+    "StatisticalParity",
     "TDPOCallback",
     "TDPOConfig",
     "TDPOStableDiffusionPipeline",
     "TDPOTrainer",
+    "Task",
     "TimestepCritic",
     "ValueHead",
     "clipped_value_loss",
     "discounted_returns",
     "explained_variance",
+    "load_tasks",
     "temporal_advantages",
 ]

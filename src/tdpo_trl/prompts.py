@@ -15,6 +15,9 @@ from typing import Any, Optional
 
 
 BUILTIN_PROMPT_SETS = ("simple_animals", "digits")  # files in tdpo_trl/prompt_sets/
+# Bytes a streamed local text or JSON-lines file is read in (datasets' default is 10 MB: its chunk and the rows parsed
+# from it dominate the memory of a stream; benchmarks/prompt_stream.py measures it).
+STREAM_CHUNK_BYTES = 1 << 18
 
 
 def _read_lines(path: str) -> list[str]:
@@ -103,6 +106,8 @@ class DatasetPromptSource:
         if dataset is None:
             import datasets
 
+            if streaming and path in ("text", "json"):  # local files: read 256 KiB at a time, not 10 MB
+                load_kwargs.setdefault("chunksize", STREAM_CHUNK_BYTES)
             dataset = datasets.load_dataset(path, name, split=split, streaming=streaming, **load_kwargs)
         features = getattr(dataset, "column_names", None) or list(getattr(dataset, "features", None) or [])
         if features and column not in features:

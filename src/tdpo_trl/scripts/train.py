@@ -33,6 +33,7 @@ from ..loading import check_model_reference
 from ..pipeline import TDPOStableDiffusionPipeline
 from ..prompts import get_prompt_function
 from ..rewards import REWARD_FUNCTIONS, get_reward_function
+from ..tasks import load_tasks
 from ..tdpo_config import TDPOConfig
 from ..tdpo_trainer import TDPOTrainer
 from ..tiny_models import TINY_TRAINING_DEFAULTS, left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
@@ -117,6 +118,13 @@ class ScriptArguments:
         metadata={"help": "Prompts: a built-in set (simple_animals, digits), a text file, or dataset:<id>."},
     )
     prompt_template: str = field(default="a photo of a {}", metadata={"help": "Format string for each prompt."})
+    tasks: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A JSON or YAML tasks file for multi-task joint training (tdpo_trl.tasks.load_tasks); replaces "
+            "--reward and --prompts."
+        },
+    )
     save_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Where to save the final LoRA (diffusers format), critic and model card; None: skip."},
@@ -162,6 +170,14 @@ def load_pipeline(script_args: ScriptArguments, config: TDPOConfig) -> TDPOStabl
 
 
 def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=None) -> TDPOTrainer:
+    if script_args.tasks:
+        with field_errors("tasks"):
+            tasks = load_tasks(script_args.tasks, seed=config.seed)
+        if script_args.save_dir:
+            check_writable_folder(script_args.save_dir, "save_dir")
+        trainer = TDPOTrainer(config, None, None, pipeline or load_pipeline(script_args, config), tasks=tasks)
+        trainer.add_callback(JSONLinesLoggerCallback(os.path.join(trainer.accelerator.project_dir, "metrics.jsonl")))
+        return trainer
     with field_errors("reward"):
         reward_function = TINY_REWARDS.get(script_args.reward) or get_reward_function(script_args.reward)
     with field_errors("prompts"):
@@ -182,6 +198,12 @@ def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=Non
 
 def print_history(trainer: TDPOTrainer):
     nan = float("nan")
+    if trainer.multi_task:
+        names = [task.name for task in trainer.tasks]
+        print(f"\n{'epoch':>5} " + " ".join(f"{name[:14]:>14}" for name in names) + "  (reward/mean per task)")
+        for record in trainer.log_history:
+            print(f"{record['epoch']:>5} " + " ".join(f"{record[f'task/{n}/reward/mean']:>14.4f}" for n in names))
+        return
     print(
         f"\n{'epoch':>5} {'reward/mean':>12} {'reward/std':>11} {'policy/approx_kl':>17} {'critic/loss':>12} "
         f"{'dormant':>8} {'resets':>7}"

@@ -1,0 +1,72 @@
+"""Batch-wise reward normalization and distribution-level rewards on 1 or 2 processes, for comparison.
+
+Run: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {1,2} tests/scripts/gather_two_processes.py OUT_DIR
+Every process holds its share of the same 16 rewards (one NaN) and 16 images, whose prompt groups straddle the
+processes; writes OUT_DIR/gather_<P>procs_rank<i>.json with what the trainer computes from them.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl.distribution_rewards import Diversity, StatisticalParity
+from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
+
+
+def brightness_class(images):
+    classes = (images.mean(dim=(1, 2, 3)) * 3).clamp(0, 2.999).long()
+    return torch.nn.functional.one_hot(classes, 3).float()
+
+
+def main(out_dir: str):
+    torch.set_num_threads(1)
+    config = TDPOConfig(
+        use_critic=False,
+        reward_normalization="batch",
+        sample_num_steps=2,
+        sample_batch_size=2,
+        train_batch_size=2,
+        mixed_precision="no",
+        logdir=os.path.join(out_dir, "logs"),
+        run_name="gather",
+    )
+    trainer = TDPOTrainer(
+        config, mean_brightness, lambda: ("a", {}), TDPOStableDiffusionPipeline(tiny_stable_diffusion())
+    )
+    processes, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
+    mine = slice(rank * 16 // processes, (rank + 1) * 16 // processes)
+
+    rewards = np.random.default_rng(0).normal(size=16).astype(np.float32)
+    rewards[5] = np.nan
+    local = torch.tensor(rewards[mine])
+    gathered = trainer.accelerator.gather(local).cpu().numpy()
+    normalized = trainer._normalized_rewards(gathered, None, epoch=0)
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 8, 8, generator=generator)
+    images[::3] *= 0.2  # classes differ in brightness
+    prompts = ["a cat" if i % 2 else "a dog" for i in range(16)]  # each group has samples on every process
+    results = {"num_processes": processes, "normalized": normalized.tolist()}
+    for name, reward in {
+        "diversity": Diversity(encoder=lambda x: x.flatten(1)),
+        "parity": StatisticalParity(brightness_class),
+    }.items():
+        my_images, my_prompts = images[mine], prompts[mine]
+        half = len(my_prompts) // 2  # two sampled batches per process
+        pairs = [
+            (my_images[:half], my_prompts[:half], [{}] * half),
+            (my_images[half:], my_prompts[half:], [{}] * (len(my_prompts) - half)),
+        ]
+        local_rewards, metadata = trainer._distribution_rewards(reward, pairs)
+        results[name] = trainer.accelerator.gather(torch.cat(local_rewards)).cpu().tolist()
+        results[f"{name}_group_score"] = metadata[0]["group_score"]
+    with open(os.path.join(out_dir, f"gather_{processes}procs_rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -110,4 +110,4 @@ def test_trainer_scores_training_samples_and_a_heldout_set(tmp_path, tiny_pipeli
     again = trainer.evaluate_heldout()
     assert again["heldout/target/mean"] == second["heldout/target/mean"]
     assert torch.equal(state, torch.random.get_rng_state())
-    assert len(trainer._heldout_prompts) == 3
+    assert len(trainer._task_heldout_prompts(0)) == 3

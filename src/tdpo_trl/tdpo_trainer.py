@@ -507,7 +507,7 @@ class TDPOTrainer(DDPOTrainer):
             features.append(batch_features.float().to(self.accelerator.device))
             prompts.extend(batch_prompts)
         gathered = self.accelerator.gather(torch.cat(features))  # (N_all, D), process-major as `_local_rows` reads
-        all_prompts = gather_object(prompts) if self.accelerator.num_processes > 1 else prompts
+        all_prompts = gather_object(prompts)  # as is on one process
         rewards, info = check_reward_output(function.rewards_from_features(gathered, all_prompts), len(gathered), name)
         local = self._local_rows(rewards.to(self.accelerator.device))  # (n_local,)
         sizes = [len(pair[0]) for pair in prompt_image_pairs]
@@ -629,10 +629,9 @@ class TDPOTrainer(DDPOTrainer):
             if isinstance(spec, (list, tuple)):
                 prompts = list(spec)
             else:
-                source = get_prompt_function(spec, seed=config.eval_seed)
                 repeats = self.prompt_repeats[index]
-                prompts = [p for _ in range(-(-config.eval_num_prompts // repeats)) for p in [source()[0]] * repeats]
-                prompts = prompts[: max(config.eval_num_prompts, repeats)]
+                source = RepeatedPrompts(get_prompt_function(spec, seed=config.eval_seed), repeats)
+                prompts = [source()[0] for _ in range(max(config.eval_num_prompts, repeats))]
             self._heldout_prompts[index] = prompts
         return self._heldout_prompts[index]
 
@@ -656,11 +655,13 @@ class TDPOTrainer(DDPOTrainer):
             stats.update({self._task_key(index, k): v for k, v in task_stats.items()})
         collected = time.perf_counter()
 
-        # sequential: one pass per task, in order (the paper); weighted (or one task): one pass over all samples
-        if config.multi_task_update == "sequential":
-            groups = task_samples
+        # every task's samples, as the callbacks see them (e.g. the critic features neuron reset scores)
+        if len(task_samples) == 1:
+            all_samples = task_samples[0]
         else:
-            groups = [{k: torch.cat([s[k] for s in task_samples]) for k in task_samples[0]}]
+            all_samples = {k: torch.cat([s[k] for s in task_samples]) for k in task_samples[0]}
+        # sequential: one pass per task, in order (the paper); weighted: one pass over all samples
+        groups = task_samples if config.multi_task_update == "sequential" else [all_samples]
         train_info = defaultdict(list)
         for group_index, samples in enumerate(groups):
             # the task being trained (for callbacks); None when a minibatch mixes tasks
@@ -680,10 +681,6 @@ class TDPOTrainer(DDPOTrainer):
         if config.eval_freq and (epoch + 1) % config.eval_freq == 0:  # the model as this epoch leaves it
             stats.update(self.evaluate_heldout(epoch))
         evaluated = time.perf_counter()
-        if len(groups) == 1:  # what the callbacks see (e.g. the critic features neuron reset scores): all tasks
-            all_samples = groups[0]
-        else:
-            all_samples = {k: torch.cat([s[k] for s in task_samples]) for k in task_samples[0]}
         call_event(
             self.callbacks,
             "on_epoch_end",

@@ -97,7 +97,7 @@ def test_load_tasks_from_json_and_yaml(tmp_path):
     tasks = load_tasks(str(tmp_path / "tasks.json"))
     assert [t.name for t in tasks] == ["ink", "parity"] and tasks[0].weight == 2.0
     assert tasks[1].eval_prompts == ["a handwritten digit"]
-    yaml = "- {name: ink, reward: digit_ink, prompts: digits}\n- {name: ink, reward: digit_accuracy, prompts: d}\n"
+    yaml = "- {name: ink, reward: digit_ink, prompts: digits}\n" * 2  # the same name twice
     (tmp_path / "tasks.yaml").write_text(yaml)
     with pytest.raises(ValueError, match=r"\['ink'\] appear more than once"):
         load_tasks(str(tmp_path / "tasks.yaml"))

@@ -68,6 +68,33 @@ def test_parity_is_best_for_a_balanced_batch_and_falls_with_imbalance():
     assert kl.batch_score(images_of_classes([0, 0, 1]), ["p"] * 3) < 0
 
 
+def test_parity_counts_labels_so_unreadable_images_do_not_look_balanced():
+    def unsure(images):  # a classifier that cannot tell: nearly uniform probabilities, class 0 by a hair
+        probabilities = torch.full((len(images), 3), 0.33)
+        probabilities[:, 0] = 0.34
+        return probabilities
+
+    prompts = ["a person"] * 6
+    assert StatisticalParity(unsure).batch_score(images_of_classes([0] * 6), prompts) == pytest.approx(-2 / 3)
+    soft = StatisticalParity(unsure, hard=False)  # averaged probabilities: the shortcut the default closes
+    assert soft.batch_score(images_of_classes([0] * 6), prompts) == pytest.approx(-0.02 / 3, abs=1e-5)
+
+    # min_confidence: images the classifier cannot read form an extra class with target share 0
+    gated = StatisticalParity(one_hot_by_brightness, min_confidence=0.9)
+    assert gated.batch_score(images_of_classes([0, 1, 2]), ["p"] * 3) == pytest.approx(0.0, abs=1e-6)
+    unreadable = StatisticalParity(unsure, min_confidence=0.9)
+    assert unreadable.batch_score(images_of_classes([0] * 6), prompts) == pytest.approx(-1.0)  # all mass off-target
+
+    def half_sure(images):  # images 0-2 read confidently as classes 0, 1, 2; images 3-5 unreadable
+        return torch.cat([torch.eye(3), unsure(images[3:])])
+
+    rewards, info = StatisticalParity(half_sure, min_confidence=0.9)(images_of_classes([0] * 6), prompts)
+    assert info["group_score"] == pytest.approx(-0.5)
+    assert (rewards[3:] < 0).all() and (rewards[:3] > 0).all(), "an unreadable image lowers the score"
+    with pytest.raises(ValueError, match="needs `hard=True`, got 0.9 with hard=False"):
+        StatisticalParity(unsure, hard=False, min_confidence=0.9)
+
+
 def test_parity_leave_one_out_has_the_right_sign():
     reward = StatisticalParity(one_hot_by_brightness)
     rewards, _ = reward(images_of_classes([0, 0, 0, 0, 1, 2]), ["a person"] * 6)
@@ -117,6 +144,12 @@ def test_digit_rewards_by_name():
     assert diversity.batch_score(images, ["p"] * 8) > diversity.batch_score(
         images[:1].expand(8, -1, -1, -1), ["p"] * 8
     )
+    # the pixel-space judge: distinct images are more diverse than copies, a brightness shift is no variety
+    pixels = get_reward_function("digit_pixel_diversity")
+    copies = images[:1].expand(8, -1, -1, -1)
+    assert pixels.batch_score(images, ["p"] * 8) > 0.5 > pixels.batch_score(copies, ["p"] * 8) == 0
+    shifted = copies * 0.8 + torch.linspace(0, 0.2, 8).view(8, 1, 1, 1)  # stays in [0, 1]
+    assert pixels.batch_score(shifted, ["p"] * 8) < 1e-3
     # in score_images (held-out evaluation) a distribution reward is its batch score, shared by every image
     scores = score_images({"parity": parity, "brightness": mean_brightness}, images, ["a handwritten digit"] * 8)
     assert torch.allclose(scores["parity"], torch.full((8,), info["group_score"]))
@@ -175,3 +208,46 @@ def test_prompt_repeats_larger_than_the_batch_or_not_dividing_it(tmp_path, tiny_
             lambda: ("a", {}),
             tiny_pipeline,
         )
+
+
+def test_train_judges_digits_distribution_rewards_independently(tmp_path):
+    from tdpo_trl.scripts.train import parse_args
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit\n")
+    _, config = parse_args(["--pretrained_model", "digits", "--reward", "digit_parity", "--prompts", str(prompts)])
+    assert config.eval_prompts == str(prompts) and config.eval_num_prompts == 64
+    assert config.eval_reward_functions[0] == "digit_parity_independent"
+    assert "digit_accuracy" not in config.eval_reward_functions  # the prompt names no digit
+    assert config.pretrain_loss_coef == 0.0 and config.num_epochs == 120  # the measured parity recipe
+    _, config = parse_args(["--pretrained_model", "digits", "--reward", "digit_parity", "--num_epochs", "5"])
+    assert config.num_epochs == 5  # a flag still wins
+    _, config = parse_args(["--pretrained_model", "digits", "--reward", "digit_diversity"])
+    assert config.eval_prompts == "digits" and config.train_clip_range == 5e-3  # the measured diversity recipe
+    judges = ["digit_pixel_diversity", "digit_accuracy", "digit_accuracy_independent"]
+    assert config.eval_reward_functions[:3] == judges
+
+
+def test_train_command_shows_the_group_score_of_a_distribution_reward(tmp_path, capsys):
+    from tdpo_trl import cli
+
+    cli.main([
+        "train", "--pretrained_model", "tiny", "--reward", "digit_pixel_diversity", "--num_epochs", "1",
+        "--sample_batch_size", "8", "--sample_num_batches_per_epoch", "1", "--train_batch_size", "8",
+        "--eval_freq", "0", "--logdir", str(tmp_path), "--prompts", "simple_animals",
+    ])  # fmt: skip
+    table = capsys.readouterr().out.split("epoch", 1)[1]
+    assert table.split()[0] == "group_score"  # not the leave-one-out credits, whose mean is about 0
+    assert 0 < float(table.splitlines()[1].split()[1]) <= 2  # a mean cosine distance
+
+
+def test_reward_kwargs_reach_the_reward_or_are_refused_by_name(tmp_path):
+    from tdpo_trl.scripts.train import build_trainer, parse_args
+
+    argv = ["--pretrained_model", "tiny", "--reward", "digit_parity", "--reward_kwargs", '{"min_confidence": 0.8}']
+    trainer = build_trainer(*parse_args([*argv, "--logdir", str(tmp_path), "--num_epochs", "1"]))
+    assert trainer.tasks[0].reward_function.min_confidence == 0.8
+    with pytest.raises(ValueError, match=r"`reward`: reward 'digit_parity' does not accept .*'confidence': 0.8"):
+        build_trainer(*parse_args(["--reward", "digit_parity", "--reward_kwargs", '{"confidence": 0.8}']))
+    with pytest.raises(ValueError, match="is a function and takes no keyword arguments"):
+        get_reward_function("tdpo_trl.tiny_models:mean_brightness", scale=2)

@@ -139,7 +139,13 @@ class StatisticalParity(DistributionReward):
         target: `(C,)` target distribution; default uniform.
         distance: `"total_variation"` (1/2 sum |p - q|, in [0, 1]) or `"kl"` (KL(p || q), p the batch's mean
             probabilities).
-        hard: count the classifier's argmax instead of averaging its probabilities (the measured TV uses counts).
+        hard: count the classifier's argmax labels (default) instead of averaging its probabilities. With
+            `hard=False` a policy can score as balanced by drawing images the classifier cannot read (each one's
+            probabilities near uniform): on digits, soft parity fell to TV 0.14 while an independent judge's counts
+            said 0.33 (docs/distribution_rewards.md). Counts have no such shortcut.
+        min_confidence: with `hard`, an image whose top probability is below this counts as "unreadable", an extra
+            class whose target share is 0, so drawings the classifier can hardly read lower the score instead of
+            filling a rare class by a hair. `None` (default): every image counts as its argmax.
         credit: see [`DistributionReward`].
     """
 
@@ -150,7 +156,8 @@ class StatisticalParity(DistributionReward):
         attribute_classifier: Callable,
         target: Optional[Union[torch.Tensor, list[float]]] = None,
         distance: str = "total_variation",
-        hard: bool = False,
+        hard: bool = True,
+        min_confidence: Optional[float] = None,
         credit: str = "leave_one_out",
     ):
         super().__init__(credit)
@@ -163,7 +170,11 @@ class StatisticalParity(DistributionReward):
             if target.dim() != 1 or (target < 0).any() or abs(target.sum().item() - 1) > 1e-4:
                 shown = given.tolist() if isinstance(given, torch.Tensor) else given
                 raise ValueError(f"`target` must be a 1-d distribution (non-negative, sums to 1), got {shown}")
+        if min_confidence is not None and not (hard and 0 < min_confidence <= 1):
+            raise ValueError(f"`min_confidence` must be in (0, 1] and needs `hard=True`, got {min_confidence!r} with "
+                             f"hard={hard}")  # fmt: skip
         self.attribute_classifier, self.target, self.distance, self.hard = attribute_classifier, target, distance, hard
+        self.min_confidence = min_confidence
 
     def features(self, images, prompts=None, metadata=None):
         with torch.no_grad():
@@ -173,9 +184,14 @@ class StatisticalParity(DistributionReward):
                 f"the attribute classifier must return (batch, classes) probabilities for {len(images)} images, got "
                 f"shape {tuple(probabilities.shape)}"
             )
-        if self.hard:
-            probabilities = torch.nn.functional.one_hot(probabilities.argmax(1), probabilities.shape[1]).float()
-        return probabilities
+        if not self.hard:
+            return probabilities
+        confidence, labels = probabilities.max(1)
+        classes = probabilities.shape[1]
+        if self.min_confidence is None:
+            return torch.nn.functional.one_hot(labels, classes).float()  # (B, C)
+        labels = torch.where(confidence >= self.min_confidence, labels, classes)  # `classes`: unreadable
+        return torch.nn.functional.one_hot(labels, classes + 1).float()  # (B, C + 1), last column: unreadable
 
     def _distance(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # p (..., C), q (C,) -> (...)
         if self.distance == "total_variation":
@@ -184,11 +200,12 @@ class StatisticalParity(DistributionReward):
         return (p * (p.log() - q.clamp_min(1e-8).log())).sum(-1)
 
     def group_scores(self, features):
-        n, classes = features.shape
+        n, columns = features.shape
+        classes = columns - (self.min_confidence is not None)  # without the "unreadable" column
         target = self.target if self.target is not None else torch.full((classes,), 1.0 / classes)
         if len(target) != classes:
             raise ValueError(f"`target` has {len(target)} classes but the attribute classifier returns {classes}")
-        target = target.to(features.device)
+        target = torch.cat([target, target.new_zeros(columns - classes)]).to(features.device)  # unreadable: 0
         total = features.sum(0)  # (C,)
         score = -self._distance(total / n, target)
         if n == 1:

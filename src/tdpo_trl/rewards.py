@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
-from .digits.distribution import DigitDiversity, DigitParity, DigitParityIndependent
+from .digits.distribution import DigitDiversity, DigitParity, DigitParityIndependent, DigitPixelDiversity
 from .digits.independent_judge import DigitAccuracyIndependent
 from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
 from .distribution_rewards import Diversity
@@ -259,16 +259,17 @@ REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "digit_parity": DigitParity,
     "digit_diversity": DigitDiversity,
     "digit_parity_independent": DigitParityIndependent,  # scikit-learn judge; an eval metric
+    "digit_pixel_diversity": DigitPixelDiversity,  # pixel space, no classifier; an eval metric
 }
 
 
 def get_reward_function(spec: str, **kwargs) -> Callable:
     """A reward by registry name (`REWARD_FUNCTIONS`) or dotted path (`"pkg.module:name"` or `"pkg.module.name"`).
 
-    A class found by path is instantiated with `kwargs`; a function is returned as is.
+    A class found by path is instantiated with `kwargs`; a function is returned as is (and takes no `kwargs`).
     """
     if spec in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS[spec](**kwargs)
+        return _construct(spec, REWARD_FUNCTIONS[spec], kwargs)
     module_name, _, attribute = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not module_name or not attribute:
         raise ValueError(
@@ -280,10 +281,19 @@ def get_reward_function(spec: str, **kwargs) -> Callable:
     except (ImportError, AttributeError) as err:
         raise ValueError(f"cannot import reward {spec!r}: {err}") from err
     if isinstance(found, type):
-        found = found(**kwargs)
+        found = _construct(spec, found, kwargs)
+    elif kwargs:
+        raise ValueError(f"reward {spec!r} is a function and takes no keyword arguments, got {kwargs}")
     if not callable(found):
         raise ValueError(f"reward {spec!r} is a {type(found).__name__}, not a callable")
     return found
+
+
+def _construct(spec: str, factory: Callable, kwargs: dict):
+    try:
+        return factory(**kwargs)
+    except TypeError as err:  # an unknown or missing keyword: the user's kwargs, not a bug
+        raise ValueError(f"reward {spec!r} does not accept the keyword arguments {kwargs}: {err}") from err
 
 
 def short_name(spec: str) -> str:

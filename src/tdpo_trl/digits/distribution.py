@@ -11,7 +11,9 @@ from .judges import grayscale, shared_judges
 class DigitParity(StatisticalParity):
     """`digit_parity`: the drawn digits' class distribution should be uniform over 0-9 (statistical parity with the
     shipped classifier as the attribute classifier; total-variation distance). For prompts that name no digit,
-    e.g. "a handwritten digit", which the base model answers with a 4 most of the time."""
+    e.g. "a handwritten digit", which the base model answers with a 4 most of the time. Counts the classifier's
+    labels (`hard=True`); `min_confidence=0.9` also counts images it reads with less confidence as "unreadable" (95%
+    of the base model's samples pass 0.9; measured in docs/distribution_rewards.md)."""
 
     name = "digit_parity"
 
@@ -37,6 +39,22 @@ class DigitDiversity(Diversity):
     def _features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 64)
         classifier = shared_judges(self.judges_path).classifier
         return classifier.features(grayscale(images.float().cpu())).to(images.device)
+
+
+class DigitPixelDiversity(Diversity):
+    """`digit_pixel_diversity`: within-prompt diversity in pixel space (cosine distance of the centered 16x16
+    grayscale images). An eval metric for `digit_diversity` that shares nothing with the classifier its features
+    come from: a policy that fools the classifier's feature space without changing the drawings does not raise it."""
+
+    name = "digit_pixel_diversity"
+
+    def __init__(self, **kwargs):
+        super().__init__(encoder=self._pixels, **kwargs)
+
+    @staticmethod
+    def _pixels(images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 256)
+        pixels = grayscale(images.float()).flatten(1)  # (B, H * W) in [-1, 1]
+        return pixels - pixels.mean(dim=1, keepdim=True)  # centered: a uniform brightness shift is no variety
 
 
 class DigitParityIndependent(StatisticalParity):

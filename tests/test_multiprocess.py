@@ -56,6 +56,24 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
 
 
 @pytest.mark.multiprocess
+def test_two_process_multi_task_run_ends_with_identical_weights(tmp_path):
+    """Two tasks (one with a distribution-level reward gathered over the ranks), TDPO-R, 2 processes."""
+    launch_two_processes(tmp_path, "multitask")
+    lines = [(tmp_path / f"multitask_rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert lines[0] == lines[1], "the ranks logged different task metrics"
+    processes, *metrics = lines[0]
+    assert processes == "2" and all(m != "nan" for m in metrics), lines[0]
+    rank0 = load_file(tmp_path / "multitask_rank0.safetensors")
+    rank1 = load_file(tmp_path / "multitask_rank1.safetensors")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+    layers = [k for k in rank0 if k.startswith("critic.") and k.endswith(".weight")]
+    output_layer = max(layers, key=lambda k: int(k.split(".")[1]))
+    assert rank0[output_layer].shape[0] == 2  # one critic, one value output per task
+    assert any(name.endswith("lora_B.default.weight") and rank0[name].abs().sum() > 0 for name in rank0)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", ["tdpo", "ddpo"])
 def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, mode):
     launch_two_processes(tmp_path, mode, 3, "straight")

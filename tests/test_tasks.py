@@ -1,6 +1,7 @@
 """Multi-task joint training: per-task metrics, both tasks train the LoRA, bad tasks refused, resume bit-exact."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,23 @@ def test_two_tasks_log_both_and_both_change_the_lora(tmp_path, tiny_pipeline, us
     assert trainer.reward_names() == ["bright: mean_brightness", "left: left_minus_right_brightness"]
 
 
+@pytest.mark.parametrize("mode", ["sequential", "weighted"])
+def test_sequential_samples_each_task_just_before_its_update(tmp_path, tiny_pipeline, mode):
+    trainer = TDPOTrainer(
+        tiny_config(tmp_path, num_epochs=1, multi_task_update=mode), None, None, tiny_pipeline, tasks=two_tasks()
+    )
+    events = []
+    collect, update = trainer._collect, trainer._update
+    trainer._collect = lambda index, *a: events.append(f"sample {index}") or collect(index, *a)
+    trainer._update = lambda samples, *a: events.append(f"update {len(samples['advantages'])}") or update(samples, *a)
+    trainer.train()
+    n = trainer.config.sample_batch_size * trainer.config.sample_num_batches_per_epoch
+    if mode == "sequential":  # on-policy: task 1 is sampled by the model task 0's update left
+        assert events == ["sample 0", f"update {n}", "sample 1", f"update {n}"]
+    else:
+        assert events == ["sample 0", "sample 1", f"update {2 * n}"]
+
+
 def test_weighted_update_trains_all_tasks_at_once(tmp_path, tiny_pipeline):
     config = tiny_config(tmp_path, num_epochs=1, multi_task_update="weighted")
     recorder = RecordTrainingTask()
@@ -111,6 +129,17 @@ def test_load_tasks_from_json_and_yaml(tmp_path):
         load_tasks(str(tmp_path / "nope.json"))
 
 
+def test_tasks_file_reads_prompt_files_beside_it(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "unnamed.txt").write_text("a handwritten digit\n")
+    entry = {"name": "parity", "reward": "digit_parity", "prompts": "unnamed.txt", "eval_prompts": "unnamed.txt"}
+    (tmp_path / "configs" / "tasks.json").write_text(json.dumps([entry]))
+    monkeypatch.chdir(tmp_path)  # the prompts file is not in the working directory
+    (task,) = load_tasks("configs/tasks.json")
+    assert task.prompt_function()[0] == "a handwritten digit"
+    assert task.eval_prompts == str(tmp_path / "configs" / "unnamed.txt")
+
+
 def train_two_tasks(tmp_path, run_name, epochs, resume=False):
     config = tiny_config(
         tmp_path,
@@ -154,3 +183,11 @@ def test_train_command_reads_a_tasks_file(tmp_path):
     assert [t.name for t in trainer.tasks] == ["bright", "left"]
     lines = (tmp_path / trainer.accelerator.project_dir / "metrics.jsonl").read_text().splitlines()
     assert {"task/bright/reward/mean", "task/left/reward/mean"} <= set(json.loads(lines[-1]))
+
+
+def test_shipped_digits_tasks_file_loads():
+    root = Path(__file__).resolve().parent.parent
+    tasks = load_tasks(str(root / "examples" / "digits" / "tasks.yaml"))
+    assert [t.name for t in tasks] == ["ink", "parity", "accuracy"]
+    assert tasks[1].prompt_function()[0] == "a handwritten digit"
+    assert tasks[1].reward_function.is_distribution_level and tasks[1].reward_function.min_confidence == 0.9

@@ -78,6 +78,15 @@ def check_tasks(tasks: Any) -> list[Task]:
 _TASK_KEYS = {"name", "reward", "prompts", "weight", "eval_prompts", "reward_kwargs", "template"}
 
 
+def _beside(tasks_file: str, value):
+    """`value` (a prompts reference) as a path beside `tasks_file` when it names a file there; else unchanged."""
+    if isinstance(value, str) and not os.path.isabs(value):
+        candidate = os.path.join(os.path.dirname(os.path.abspath(tasks_file)), value)
+        if os.path.isfile(candidate):
+            return candidate
+    return value
+
+
 def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
     """Tasks from a JSON or YAML file: a list (or `{"tasks": [...]}`) of entries
 
@@ -91,7 +100,8 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
       template: "{}"             # optional prompt template
     ```
 
-    Each task's prompt source is seeded with `seed + its position`, so tasks draw independent streams.
+    Each task's prompt source is seeded with `seed + its position`, so tasks draw independent streams. A relative
+    prompts file is looked up beside the tasks file first, then in the working directory.
     """
     from .prompts import get_prompt_function
     from .rewards import get_reward_function
@@ -129,10 +139,10 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
                 name=entry["name"],
                 reward_function=get_reward_function(entry["reward"], **entry.get("reward_kwargs", {})),
                 prompt_function=get_prompt_function(
-                    entry["prompts"], template=entry.get("template", "{}"), seed=seed + position
+                    _beside(path, entry["prompts"]), template=entry.get("template", "{}"), seed=seed + position
                 ),
                 weight=entry.get("weight", 1.0),
-                eval_prompts=entry.get("eval_prompts"),
+                eval_prompts=_beside(path, entry.get("eval_prompts")),
             )
         )
     return check_tasks(tasks)

@@ -221,8 +221,9 @@ class TDPOConfig(DDPOConfig):
             one prompt (distribution-level rewards compare them). `None`: the reward's `default_prompt_repeats` (4 for
             `diversity`), else 1. Must divide `sample_batch_size * sample_num_batches_per_epoch`.
         multi_task_update (`str`, *optional*, defaults to `"sequential"`):
-            With several tasks: `"sequential"` updates on each task's samples in turn (the paper's order); `"weighted"`
-            updates once on all tasks' samples, each task's policy loss scaled by its weight.
+            With several tasks: `"sequential"` samples each task and updates on its samples in turn, each task
+            sampled by the model the previous task's update left (the paper's order, on-policy); `"weighted"` samples
+            every task, then updates once on all tasks' samples, each task's policy loss scaled by its weight.
     """
 
     # Dict-valued DDPO fields, re-typed so that they accept JSON strings on the command line.

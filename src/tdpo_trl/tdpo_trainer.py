@@ -648,32 +648,25 @@ class TDPOTrainer(DDPOTrainer):
         call_event(self.callbacks, "on_epoch_begin", self, epoch=epoch, global_step=global_step)
         start = time.perf_counter()
         stats = {"epoch": epoch}
-        task_samples, times = [], defaultdict(float)
+        task_samples, times, train_info = [], defaultdict(float), defaultdict(list)
+        # sequential (the paper's order): sample task 1, update on it, sample task 2 with the updated model, ...: each
+        # task's update is on-policy. weighted (and a single task): sample every task, then one update over all.
+        sequential = self.multi_task and config.multi_task_update == "sequential"
         for index in range(len(self.tasks)):
             samples, task_stats = self._collect(index, epoch, global_step, times)
             task_samples.append(samples)
             stats.update({self._task_key(index, k): v for k, v in task_stats.items()})
-        collected = time.perf_counter()
+            if sequential:
+                global_step = self._update(samples, epoch, global_step, train_info, self.tasks[index].name, times)
 
         # every task's samples, as the callbacks see them (e.g. the critic features neuron reset scores)
         if len(task_samples) == 1:
             all_samples = task_samples[0]
         else:
             all_samples = {k: torch.cat([s[k] for s in task_samples]) for k in task_samples[0]}
-        # sequential: one pass per task, in order (the paper); weighted: one pass over all samples
-        groups = task_samples if config.multi_task_update == "sequential" else [all_samples]
-        train_info = defaultdict(list)
-        for group_index, samples in enumerate(groups):
-            # the task being trained (for callbacks); None when a minibatch mixes tasks
-            self.training_task = self.tasks[group_index].name if len(groups) == len(self.tasks) else None
-            for inner_epoch in range(config.train_num_inner_epochs):
-                batched = self._shuffle_and_batch(samples)
-                global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched, train_info)
-                if not self.accelerator.sync_gradients:
-                    raise RuntimeError(
-                        "an inner epoch ended between optimizer steps; check gradient accumulation settings"
-                    )
-        self.training_task = None
+        if not sequential:  # the task being trained, for callbacks: None when minibatches mix tasks
+            task_name = None if self.multi_task else self.tasks[0].name
+            global_step = self._update(all_samples, epoch, global_step, train_info, task_name, times)
         trained = time.perf_counter()
 
         stats.update(self._skipped_step_stats(train_info, epoch))  # takes the grad norms out of `train_info`
@@ -695,8 +688,8 @@ class TDPOTrainer(DDPOTrainer):
             {
                 "time/sampling_s": times["sampling"],
                 "time/reward_s": times["reward"],
-                "time/advantages_s": collected - start - times["sampling"] - times["reward"],
-                "time/training_s": trained - collected,
+                "time/advantages_s": trained - start - times["sampling"] - times["reward"] - times["training"],
+                "time/training_s": times["training"],
                 "time/heldout_s": evaluated - trained,
                 "time/callbacks_s": finished - evaluated,
                 "time/epoch_s": finished - start,
@@ -708,6 +701,21 @@ class TDPOTrainer(DDPOTrainer):
         if (epoch + 1) % config.save_freq == 0:
             output_dir = self.save_checkpoint()
             call_event(self.callbacks, "on_save", self, output_dir=output_dir, epoch=epoch, global_step=global_step)
+        return global_step
+
+    def _update(self, samples: dict, epoch: int, global_step: int, train_info, task_name, times: dict) -> int:
+        """`train_num_inner_epochs` passes of minibatch updates over `samples`. Returns the updated global step."""
+        start = time.perf_counter()
+        self.training_task = task_name
+        for inner_epoch in range(self.config.train_num_inner_epochs):
+            batched = self._shuffle_and_batch(samples)
+            global_step = self._train_batched_samples(inner_epoch, epoch, global_step, batched, train_info)
+            if not self.accelerator.sync_gradients:
+                raise RuntimeError(
+                    "an inner epoch ended between optimizer steps; check gradient accumulation settings"
+                )
+        self.training_task = None
+        times["training"] += time.perf_counter() - start
         return global_step
 
     def _task_key(self, index: int, key: str) -> str:
@@ -1090,12 +1098,12 @@ class TDPOTrainer(DDPOTrainer):
         for epoch in bar:
             global_step = self.step(epoch, global_step)
             record = self.log_history[-1]
-            bar.set_postfix(
-                {
-                    task.name if self.multi_task else "reward": f"{record[self._task_key(i, 'reward/mean')]:.4f}"
-                    for i, task in enumerate(self.tasks)
-                }
-            )
+            shown = {}
+            for i, task in enumerate(self.tasks):  # a distribution reward's batch score: its credits average ~0
+                key = self._task_key(i, "reward/group_score")
+                value = record[key] if key in record else record[self._task_key(i, "reward/mean")]
+                shown[task.name if self.multi_task else "reward"] = f"{value:.4f}"
+            bar.set_postfix(shown)
             if self.should_stop:
                 logger.warning(f"training stopped by a callback after epoch {epoch}")
                 break

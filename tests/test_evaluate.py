@@ -7,7 +7,7 @@ import torch
 from conftest import cat_prompt, tiny_config
 
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, cli
-from tdpo_trl.evaluation import sample_images, score_images
+from tdpo_trl.evaluation import mean_std, sample_images, score_images
 from tdpo_trl.rewards import jpeg_compressibility
 from tdpo_trl.tiny_models import left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
 
@@ -64,6 +64,19 @@ def test_evaluate_command_scores_checkpoints_and_plots_them(run_folder, tmp_path
     assert records[0]["target"] != records[-1]["target"], "training changed nothing: the figure would be flat"
 
 
+def test_evaluate_groups_prompts_for_a_distribution_level_target(run_folder, tmp_path):
+    argv = [
+        "evaluate", "--base", "tiny", "--runs", f"tdpo={run_folder}", "--target_reward", "digit_pixel_diversity",
+        "--eval_rewards", "tdpo_trl.tiny_models.mean_brightness", "--num_prompts", "8", "--num_steps", "2",
+        "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    cli.main(argv)
+    prompts = json.loads((tmp_path / "cross_reward.json").read_text())["prompts"]
+    assert prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4  # diversity's 4 per prompt
+    with pytest.raises(ValueError, match="`prompt_repeats` must be >= 1, got 0"):
+        cli.main([*argv, "--prompt_repeats", "0"])
+
+
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
     pipeline = tiny_stable_diffusion(seed=0)
     pipeline.set_progress_bar_config(disable=True)
@@ -72,6 +85,13 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     b = sample_images(pipeline, ["a cat", "a dog"], seed=3, num_inference_steps=4, guidance_scale=5.0, eta=1.0)
     assert torch.equal(a, b)
+
+
+def test_judges_that_do_not_apply_are_left_out_of_the_mean():
+    nan = float("nan")
+    stats = mean_std({"accuracy": torch.tensor([1.0, nan, 0.0, nan]), "none": torch.tensor([nan, nan])}, "heldout")
+    assert stats["heldout/accuracy/mean"] == 0.5 and stats["heldout/accuracy/std"] == 0.5
+    assert stats["heldout/none/mean"] != stats["heldout/none/mean"]  # NaN: applies to no image
 
 
 def test_bad_run_folder(tmp_path):

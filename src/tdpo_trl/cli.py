@@ -56,7 +56,7 @@ def evaluate_command(args) -> dict:
 
     from .evaluation import evaluate_checkpoints, plot_cross_reward
     from .loading import check_model_reference, load_pretrained
-    from .prompts import get_prompt_function
+    from .prompts import RepeatedPrompts, get_prompt_function
     from .rewards import get_reward_function, short_name
     from .validation import check_writable_folder, field_errors
 
@@ -85,6 +85,9 @@ def evaluate_command(args) -> dict:
         pipeline.safety_checker = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.to(device)
+    # distribution-level rewards score prompt groups: each drawn prompt fills `prompt_repeats` consecutive samples
+    repeats = args.prompt_repeats or getattr(target_reward, "default_prompt_repeats", 1)
+    prompt_fn = RepeatedPrompts(prompt_fn, repeats)
     prompts = [prompt_fn()[0] for _ in range(args.num_prompts)]
     results = evaluate_checkpoints(
         pipeline,
@@ -133,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval_rewards", nargs="+", required=True, help="out-of-domain reward names or paths")
     evaluate.add_argument("--prompts", default="simple_animals", help="built-in set, text file or dataset:<id>")
     evaluate.add_argument("--prompt_template", default="{}", help="e.g. 'a photo of a {}'")
-    evaluate.add_argument("--num_prompts", type=int, default=16)
+    evaluate.add_argument("--num_prompts", type=int, default=16, help="images per checkpoint")
+    evaluate.add_argument(
+        "--prompt_repeats",
+        type=int,
+        default=None,
+        help="each drawn prompt fills this many consecutive images (groups for distribution-level rewards); "
+        "default: the target reward's default_prompt_repeats (4 for diversity), else 1",
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--num_steps", type=int, default=20)
     evaluate.add_argument("--guidance_scale", type=float, default=5.0)
@@ -160,6 +170,8 @@ def main(argv: Optional[list[str]] = None):
     args = build_parser().parse_args(argv)
     if getattr(args, "num_prompts", 1) < 1:
         raise ValueError(f"`num_prompts` must be >= 1, got {args.num_prompts}")
+    if getattr(args, "prompt_repeats", None) is not None and args.prompt_repeats < 1:
+        raise ValueError(f"`prompt_repeats` must be >= 1, got {args.prompt_repeats}")
     return args.handler(args)
 
 

@@ -37,12 +37,17 @@ def score_images(reward_functions: dict[str, Callable], images, prompts, metadat
 
 
 def mean_std(scores: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
-    """`{<prefix>/<name>/mean, <prefix>/<name>/std}` of `{name: (N,) scores}` (no prefix: `<name>/mean`)."""
+    """`{<prefix>/<name>/mean, <prefix>/<name>/std}` of `{name: (N,) scores}` (no prefix: `<name>/mean`).
+
+    NaN scores mean "does not apply" (e.g. `digit_accuracy` for a prompt that names no digit) and are left out; a
+    judge that applies to none of the images gets NaN.
+    """
     stats = {}
     for name, values in scores.items():
         key = f"{prefix}/{name}" if prefix else name
-        stats[f"{key}/mean"] = values.mean().item()
-        stats[f"{key}/std"] = values.std(unbiased=False).item()
+        values = values[~values.isnan()]
+        stats[f"{key}/mean"] = values.mean().item() if len(values) else float("nan")
+        stats[f"{key}/std"] = values.std(unbiased=False).item() if len(values) else float("nan")
     return stats
 
 

@@ -1,6 +1,7 @@
 """`TDPOStableDiffusionPipeline`: TRL's default DDPO pipeline, constructible before any Accelerator exists."""
 
 import logging
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -15,6 +16,10 @@ from .loading import check_model_reference, load_pretrained
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+# TRL's `pipeline_step` calls diffusers' deprecated `_encode_prompt`, which warns on every sampling call (once per
+# epoch and per held-out evaluation in a user's log). The call is TRL's, not the user's: silence that one message.
+warnings.filterwarnings("ignore", message=r"`_encode_prompt\(\)` is deprecated", category=FutureWarning)
 
 
 def default_lora_config() -> LoraConfig:

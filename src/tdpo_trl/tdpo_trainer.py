@@ -91,6 +91,13 @@ def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def shown_reward_key(record: dict, prefix: str = "") -> str:
+    """The per-epoch reward to show a person (progress bar, tables): a distribution-level reward's batch score
+    `<prefix>reward/group_score` (its per-sample leave-one-out credits average about 0), else `<prefix>reward/mean`."""
+    key = f"{prefix}reward/group_score"
+    return key if key in record else f"{prefix}reward/mean"
+
+
 class TDPOTrainer(DDPOTrainer):
     """Fine-tune a diffusion model on a reward with TDPO-R (or DDPO with `config.use_critic=False`).
 
@@ -1098,12 +1105,9 @@ class TDPOTrainer(DDPOTrainer):
         for epoch in bar:
             global_step = self.step(epoch, global_step)
             record = self.log_history[-1]
-            shown = {}
-            for i, task in enumerate(self.tasks):  # a distribution reward's batch score: its credits average ~0
-                key = self._task_key(i, "reward/group_score")
-                value = record[key] if key in record else record[self._task_key(i, "reward/mean")]
-                shown[task.name if self.multi_task else "reward"] = f"{value:.4f}"
-            bar.set_postfix(shown)
+            keys = [shown_reward_key(record, self._task_key(i, "")) for i in range(len(self.tasks))]
+            names = [task.name for task in self.tasks] if self.multi_task else ["reward"]
+            bar.set_postfix({name: f"{record[key]:.4f}" for name, key in zip(names, keys)})
             if self.should_stop:
                 logger.warning(f"training stopped by a callback after epoch {epoch}")
                 break

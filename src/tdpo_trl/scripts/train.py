@@ -35,7 +35,7 @@ from ..prompts import get_prompt_function
 from ..rewards import REWARD_FUNCTIONS, get_reward_function
 from ..tasks import load_tasks
 from ..tdpo_config import JSONDict, TDPOConfig
-from ..tdpo_trainer import TDPOTrainer
+from ..tdpo_trainer import TDPOTrainer, shown_reward_key
 from ..tiny_models import TINY_TRAINING_DEFAULTS, left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
 from ..trainer_callback import JSONLinesLoggerCallback
 from ..validation import check_writable_folder, field_errors
@@ -229,22 +229,16 @@ def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=Non
     return trainer
 
 
-def _reward_key(record: dict, prefix: str = "") -> str:
-    """The per-epoch reward to show: a distribution-level reward's batch score (its per-sample leave-one-out
-    credits average about 0), else the mean reward."""
-    return f"{prefix}reward/group_score" if f"{prefix}reward/group_score" in record else f"{prefix}reward/mean"
-
-
 def print_history(trainer: TDPOTrainer):
     nan = float("nan")
     if trainer.multi_task:
         names = [task.name for task in trainer.tasks]
         print(f"\n{'epoch':>5} " + " ".join(f"{name[:14]:>14}" for name in names) + "  (reward per task)")
         for record in trainer.log_history:
-            rewards = [record[_reward_key(record, f"task/{name}/")] for name in names]
+            rewards = [record[shown_reward_key(record, f"task/{name}/")] for name in names]
             print(f"{record['epoch']:>5} " + " ".join(f"{reward:>14.4f}" for reward in rewards))
         return
-    key = _reward_key(trainer.log_history[0]) if trainer.log_history else "reward/mean"
+    key = shown_reward_key(trainer.log_history[0]) if trainer.log_history else "reward/mean"
     header = "group_score" if key == "reward/group_score" else key
     print(
         f"\n{'epoch':>5} {header:>12} {'reward/std':>11} {'policy/approx_kl':>17} {'critic/loss':>12} "

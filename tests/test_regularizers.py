@@ -47,9 +47,9 @@ def test_ddim_transition_is_the_gaussian_trl_scores():
     log_prob = (-((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * np.log(2 * np.pi)).mean(dim=(1, 2, 3))
     torch.testing.assert_close(log_prob, expected)
 
-    assert torch.equal(transition_kl(scheduler, output, output, timesteps, sample, 1.0), torch.zeros(3))
+    assert torch.equal(transition_kl(pipeline, output, output, timesteps, sample, 1.0), torch.zeros(3))
     shifted = output + 0.1
-    kl = transition_kl(scheduler, shifted, output, timesteps, sample, 1.0)
+    kl = transition_kl(pipeline, shifted, output, timesteps, sample, 1.0)
     shifted_mean, _ = ddim_transition(scheduler, shifted, timesteps, sample, 1.0)
     torch.testing.assert_close(kl, ((shifted_mean - mean) ** 2 / (2 * std**2)).mean(dim=(1, 2, 3)))
     assert (kl > 0).all()
@@ -73,13 +73,11 @@ def pretrain_folder(tmp_path):
 def noise_prediction_drift(trainer, images, captions) -> float:
     """Mean squared difference of the trained and the base UNet's noise predictions on fixed noised images."""
     unet = trainer.accelerator.unwrap_model(trainer.unet)
-    noisy, timesteps, embeds, _ = pretraining_inputs(
-        trainer.sd_pipeline, images, captions, torch.Generator().manual_seed(123), "cpu"
-    )
+    inputs, _ = pretraining_inputs(trainer.sd_pipeline, images, captions, torch.Generator().manual_seed(123), "cpu")
     with torch.no_grad():
-        trained = unet(noisy, timesteps, embeds).sample
+        trained = trainer.sd_pipeline.predict(unet, inputs)
         unet.disable_adapters()
-        base = unet(noisy, timesteps, embeds).sample
+        base = trainer.sd_pipeline.predict(unet, inputs)
         unet.enable_adapters()
     return ((trained - base) ** 2).mean().item()
 
@@ -152,11 +150,12 @@ def test_kl_to_the_reference_is_zero_before_training_and_positive_after(tmp_path
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, 8, 8, generator=generator)
     timesteps = trainer.sd_pipeline.scheduler.timesteps[:1].repeat(4)
-    embeds = torch.cat([trainer.neg_prompt_embed.repeat(4, 1, 1)] * 2)
+    negative = trainer.negative_conditioning["prompt_embeds"].repeat(4, 1, 1)
+    conditioning = {"prompt_embeds": negative, "negative_prompt_embeds": negative}
     next_latents = torch.randn(4, 4, 8, 8, generator=generator)
 
     def kl_now():
-        args = (latents, timesteps, next_latents, torch.zeros(4), torch.zeros(4), embeds)
+        args = (latents, timesteps, next_latents, torch.zeros(4), torch.zeros(4), conditioning)
         with torch.no_grad():
             return trainer.calculate_loss(*args)[3]["policy/kl_ref"].item()
 

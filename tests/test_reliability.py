@@ -89,7 +89,7 @@ def test_a_failed_reward_gets_advantage_zero_in_every_normalization(tmp_path):
         cat_prompt,
         new_pipeline(),
     )
-    prompt_ids = trainer._tokenize(["a cat", "a dog", "a cat", "a dog", "a cat"])
+    prompt_ids = trainer.sd_pipeline.tokenize(["a cat", "a dog", "a cat", "a dog", "a cat"])
     normalized = trainer._normalized_rewards(np.array([1.0, 10.0, np.nan, 30.0, 3.0]), prompt_ids, epoch=0)
     # the NaN is out of the statistics: "a cat" has rewards 1 and 3 (mean 2, std 1), "a dog" 10 and 30 (mean 20)
     np.testing.assert_allclose(normalized, [-1.0, -1.0, 0.0, 1.0, 1.0], atol=1e-5)

@@ -36,6 +36,35 @@ class RecordTrainingTask(TDPOCallback):
         self.steps.append((trainer.training_task, lora_weights(trainer)))
 
 
+def test_a_task_with_pretrain_loss_weight_zero_skips_the_pretraining_batches(tmp_path, tiny_pipeline):
+    from datasets import Dataset
+
+    folder = str(tmp_path / "pretrain-data")
+    images = list(
+        (torch.rand(16, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    )
+    Dataset.from_dict({"image": images, "text": ["a photo of a cat"] * 16}).save_to_disk(folder)
+    config = tiny_config(
+        tmp_path, num_epochs=1, pretrain_loss_coef=1.0, pretrain_dataset=folder, pretrain_batch_size=2
+    )
+    tasks = two_tasks()
+    tasks[1].pretrain_loss_weight = 0.0
+
+    class RecordPretrainingDraws(TDPOCallback):
+        draws = []
+
+        def on_step_end(self, trainer, **kwargs):
+            self.draws.append((trainer.training_task, trainer.pretraining.epoch * 16 + trainer.pretraining.position))
+
+    recorder = RecordPretrainingDraws()
+    TDPOTrainer(config, None, None, tiny_pipeline, tasks=tasks, callbacks=[recorder]).train()
+    draws = recorder.draws
+    steps = {name: [b - a for (_, a), (task, b) in zip([(None, 0)] + draws, draws) if task == name]
+             for name in ("bright", "left")}  # fmt: skip
+    assert steps["bright"] and all(n > 0 for n in steps["bright"]), steps
+    assert steps["left"] and all(n == 0 for n in steps["left"]), f"weight 0 drew pretraining batches: {steps}"
+
+
 @pytest.mark.parametrize("use_critic", [True, False], ids=["tdpo", "ddpo"])
 def test_two_tasks_log_both_and_both_change_the_lora(tmp_path, tiny_pipeline, use_critic):
     config = tiny_config(tmp_path, num_epochs=1, use_critic=use_critic, eval_freq=1, eval_num_prompts=2)
@@ -94,6 +123,8 @@ def test_bad_tasks_are_refused_with_the_value(tmp_path, tiny_pipeline):
         Task("a", mean_brightness, lambda: ("x", {}), weight=0)
     with pytest.raises(ValueError, match="got -1.5"):
         Task("a", mean_brightness, lambda: ("x", {}), weight=-1.5)
+    with pytest.raises(ValueError, match=r"pretrain_loss_weight.*-1"):
+        Task("a", mean_brightness, lambda: ("x", {}), pretrain_loss_weight=-1)
     with pytest.raises(ValueError, match="non-empty string without '/', got 'a/b'"):
         Task("a/b", mean_brightness, lambda: ("x", {}))
     with pytest.raises(ValueError, match=r"\['x'\] appear more than once"):

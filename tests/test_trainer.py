@@ -216,7 +216,7 @@ def test_tdpo_raises_a_learnable_reward(tmp_path):
 def test_per_prompt_normalization_uses_ddpo_tracker(tmp_path, tiny_pipeline):
     config = tiny_config(tmp_path, per_prompt_stat_tracking=True, per_prompt_stat_tracking_min_count=2)
     trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
-    prompt_ids = trainer._tokenize(["a cat", "a dog", "a cat", "a dog"])
+    prompt_ids = trainer.sd_pipeline.tokenize(["a cat", "a dog", "a cat", "a dog"])
     normalized = trainer._normalized_rewards(np.array([1.0, 10.0, 3.0, 30.0]), prompt_ids)
     # each prompt normalized by its own statistics: cat (1, 3) and dog (10, 30)
     np.testing.assert_allclose(normalized, [-1.0, -1.0, 1.0, 1.0], atol=1e-5)

@@ -62,7 +62,7 @@ def evaluate_command(args) -> dict:
 
     runs = _parse_runs(args.runs)  # every user input is checked before the model loads
     check_writable_folder(args.output_dir, "output_dir")
-    check_model_reference(args.base, "base", ("tiny", "digits"))
+    check_model_reference(args.base, "base", ("tiny", "tiny-sdxl", "digits"))
     with field_errors("target_reward"):
         target_reward = get_reward_function(args.target_reward)
     with field_errors("eval_rewards"):
@@ -73,16 +73,21 @@ def evaluate_command(args) -> dict:
         from .tiny_models import tiny_stable_diffusion
 
         pipeline = tiny_stable_diffusion(seed=0)
+    elif args.base == "tiny-sdxl":
+        from .tiny_models import tiny_stable_diffusion_xl
+
+        pipeline = tiny_stable_diffusion_xl(seed=0)
     elif args.base == "digits":
         from .digits import load_digits_pipeline
 
         pipeline = load_digits_pipeline()
     else:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline  # the class the model folder names: SD 1.x/2.x, SDXL
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        pipeline = load_pretrained(StableDiffusionPipeline.from_pretrained, args.base, "base", torch_dtype=dtype)
-        pipeline.safety_checker = None
+        pipeline = load_pretrained(DiffusionPipeline.from_pretrained, args.base, "base", torch_dtype=dtype)
+        if hasattr(pipeline, "safety_checker"):
+            pipeline.safety_checker = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.to(device)
     # distribution-level rewards score prompt groups: each drawn prompt fills `prompt_repeats` consecutive samples
@@ -128,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="score saved checkpoints with a target and out-of-domain rewards; draw the cross-reward figure",
     )
-    evaluate.add_argument("--base", required=True, help="base Stable Diffusion id or folder, 'digits' or 'tiny'")
+    evaluate.add_argument(
+        "--base", required=True, help="base Stable Diffusion / SDXL id or folder, 'digits', 'tiny' or 'tiny-sdxl'"
+    )
     evaluate.add_argument(
         "--runs", nargs="+", required=True, help="NAME=PATH per run: a run folder (its checkpoints/) or a saved folder"
     )

@@ -120,9 +120,10 @@ def create_model_card(
     start_metrics: Optional[dict] = None,
     note: Optional[str] = None,
     version: str = "",
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> ModelCard:
     """A diffusers text-to-image card: metadata, a usage snippet, the reward, key hyperparameters, final metrics and
-    citations of TDPO-R and DDPO."""
+    citations of TDPO-R and DDPO. `pipeline_class`: the diffusers pipeline the usage snippet loads the base with."""
     algorithm = "TDPO-R (temporal critic, active-neuron reset)" if config.use_critic else "DDPO"
     if config.use_critic and not config.neuron_reset:
         algorithm = "TDPO (temporal critic, no neuron reset)"
@@ -138,8 +139,8 @@ def create_model_card(
     base = base_model or "<base-model-id>"
     if use_lora:
         usage = (
-            "import torch\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+            f"import torch\nfrom diffusers import {pipeline_class}\n\n"
+            f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
             f'pipe.load_lora_weights("{repo}")\n'
             'image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=5.0).images[0]'
         )
@@ -149,9 +150,9 @@ def create_model_card(
         )
     else:
         usage = (
-            "import torch\nfrom diffusers import StableDiffusionPipeline, UNet2DConditionModel\n\n"
+            f"import torch\nfrom diffusers import {pipeline_class}, UNet2DConditionModel\n\n"
             f'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet", torch_dtype=torch.float16)\n'
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16)\n'
+            f'pipe = {pipeline_class}.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16)\n'
             'image = pipe.to("cuda")("a photo of a cat").images[0]'
         )
         trained = "the whole UNet (`unet/`)"

@@ -2,6 +2,7 @@
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -20,6 +21,17 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # TRL's `pipeline_step` calls diffusers' deprecated `_encode_prompt`, which warns on every sampling call (once per
 # epoch and per held-out evaluation in a user's log). The call is TRL's, not the user's: silence that one message.
 warnings.filterwarnings("ignore", message=r"`_encode_prompt\(\)` is deprecated", category=FutureWarning)
+
+
+@dataclass
+class SampledTrajectories:
+    """What one sampling call returns: `images` `(B, 3, H, W)` in [0, 1], `latents` `(B, T + 1, ...)` (x_T ... x_0),
+    `log_probs` `(B, T)` of each step's transition, `timesteps` `(B, T)`."""
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
 
 
 def default_lora_config() -> LoraConfig:
@@ -47,6 +59,8 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         torch_dtype: dtype to load the pipeline in.
     """
 
+    pipeline_class = StableDiffusionPipeline  # the diffusers pipeline this wrapper trains
+
     def __init__(
         self,
         pretrained_model_name: Union[str, StableDiffusionPipeline],
@@ -56,14 +70,14 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         lora_config: Optional[LoraConfig] = None,
         torch_dtype: Optional[torch.dtype] = None,
     ):
-        if isinstance(pretrained_model_name, StableDiffusionPipeline):
+        if isinstance(pretrained_model_name, self.pipeline_class):
             self.sd_pipeline = pretrained_model_name
             self.pretrained_model = self.sd_pipeline.config.get("_name_or_path")
         elif isinstance(pretrained_model_name, str):
             kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
             check_model_reference(pretrained_model_name, "pretrained_model_name")
             self.sd_pipeline = load_pretrained(
-                StableDiffusionPipeline.from_pretrained,
+                self.pipeline_class.from_pretrained,
                 pretrained_model_name,
                 "pretrained_model_name",
                 revision=pretrained_model_revision,
@@ -72,7 +86,7 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
             self.pretrained_model = pretrained_model_name
         else:
             raise TypeError(
-                "`pretrained_model_name` must be a model id, a local path or a StableDiffusionPipeline, got "
+                f"`pretrained_model_name` must be a model id, a local path or a {self.pipeline_class.__name__}, got "
                 f"{type(pretrained_model_name).__name__}"
             )
         self.pretrained_revision = pretrained_model_revision
@@ -88,23 +102,120 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
                 "log-probabilities are undefined; set `steps_offset=1` (as Stable Diffusion) or "
                 "timestep_spacing='trailing' in the scheduler config"
             )
-        self.sd_pipeline.safety_checker = None
-        self.sd_pipeline.vae.requires_grad_(False)
-        self.sd_pipeline.text_encoder.requires_grad_(False)
-        self.sd_pipeline.unet.requires_grad_(not self.use_lora)
+        if hasattr(self.sd_pipeline, "safety_checker"):
+            self.sd_pipeline.safety_checker = None
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        self.denoiser.requires_grad_(not self.use_lora)
+
+    # ---------------------------------------------------------------- what the trainer calls (one per model family)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network being trained (a UNet here; a transformer for flow-matching families)."""
+        return self.sd_pipeline.unet
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules used only for inference (moved to the device and cast to the inference dtype by the trainer)."""
+        return [self.sd_pipeline.vae, self.sd_pipeline.text_encoder]
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids `(B, L)` of the first tokenizer (what per-prompt statistics decode back to prompts)."""
+        tokenizer = self.sd_pipeline.tokenizer
+        return tokenizer(
+            list(prompts), return_tensors="pt", padding="max_length", truncation=True,
+            max_length=tokenizer.model_max_length,
+        ).input_ids  # fmt: skip
+
+    def encode_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`(prompt_ids, conditioning)`: the token ids and the denoiser's text conditioning, every tensor batch-first
+        (`{"prompt_embeds": (B, L, D)}` here)."""
+        ids = self.tokenize(prompts).to(device)
+        return ids, {"prompt_embeds": self.sd_pipeline.text_encoder(ids)[0]}
+
+    def encode_negative_prompt(self, negative_prompt: str, device) -> dict[str, torch.Tensor]:
+        """The conditioning of the negative prompt (batch 1), used for classifier-free guidance."""
+        return self.encode_prompts([negative_prompt], device)[1]
+
+    def sample_with_log_probs(
+        self, conditioning: dict, negative_conditioning: dict, *, num_inference_steps: int, guidance_scale: float,
+        eta: float,
+    ) -> SampledTrajectories:  # fmt: skip
+        """Sample a batch with TRL's DDIM sampler, recording every step's latent and log-prob."""
+        output = self(
+            prompt_embeds=conditioning["prompt_embeds"],
+            negative_prompt_embeds=negative_conditioning["prompt_embeds"],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            output_type="pt",
+        )
+        batch = len(conditioning["prompt_embeds"])
+        return SampledTrajectories(
+            images=output.images,
+            latents=torch.stack(output.latents, dim=1),  # (B, T + 1, C, h, w)
+            log_probs=torch.stack(output.log_probs, dim=1),  # (B, T)
+            timesteps=self.scheduler.timesteps.repeat(batch, 1),  # (B, T)
+        )
+
+    def denoiser_inputs(self, latents, timesteps, conditioning: dict, cfg: bool) -> dict[str, torch.Tensor]:
+        """The denoiser's batch-first keyword arguments for one step. With `cfg` `(2B, ...)`: the negative prompt's
+        conditioning (`conditioning["negative_<key>"]`), then the prompts'."""
+        if cfg:
+            return {
+                "sample": torch.cat([latents] * 2),
+                "timestep": torch.cat([timesteps] * 2),
+                "encoder_hidden_states": torch.cat(
+                    [conditioning["negative_prompt_embeds"], conditioning["prompt_embeds"]]
+                ),
+            }
+        return {"sample": latents, "timestep": timesteps, "encoder_hidden_states": conditioning["prompt_embeds"]}
+
+    def predict(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's prediction (noise, or v) on `denoiser_inputs`; `model` may be the prepared (DDP) one."""
+        return model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]).sample
+
+    def step_log_prob(self, prediction, timesteps, latents, *, eta: float, next_latents) -> torch.Tensor:
+        """Log-prob `(B,)` of the transition `latents -> next_latents` under `prediction` (TRL's DDIM step)."""
+        return self.scheduler_step(prediction, timesteps, latents, eta=eta, prev_sample=next_latents).log_probs
+
+    def transition(self, prediction, timesteps, latents, *, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the Gaussian step `latents -> next latents` (for the KL to the base)."""
+        from .regularizers import ddim_transition
+
+        return ddim_transition(self.scheduler, prediction, timesteps, latents, eta)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images `(B, 3, H, W)` in [-1, 1]: the VAE's posterior mean, scaled (for Stable Diffusion's VAE
+        the posterior's spread is negligible; the digits base was trained on the mean)."""
+        vae = self.sd_pipeline.vae
+        return vae.encode(images.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+    def training_target(self, latents, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(noisy_latents, target)` of the model's own training loss at `timesteps` (noise, or v)."""
+        scheduler = self.scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            return noisy, scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, noise
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """`(C, h, w)` of the latents at the model's native resolution."""
+        config = self.denoiser.config
+        return (config.in_channels, config.sample_size, config.sample_size)
 
     def apply_training_config(self, config):
         """Take `use_lora` (unless it is `None`) and, if no `lora_config` was given, the LoRA settings of a
         `TDPOConfig`. Called by `TDPOTrainer` before the adapter is attached."""
         if config.use_lora is not None and config.use_lora != self.use_lora:
             self.use_lora = config.use_lora
-            self.sd_pipeline.unet.requires_grad_(not self.use_lora)
+            self.denoiser.requires_grad_(not self.use_lora)
         if self.lora_config is None:
             self.lora_config = config.lora_config()
 
     def get_trainable_layers(self) -> torch.nn.Module:
         """Attach the LoRA adapter (if `use_lora`) and return the UNet, whose trainable weights are in fp32."""
-        unet = self.sd_pipeline.unet
+        unet = self.denoiser
         if self.use_lora:
             if getattr(unet, "peft_config", None) and "default" in unet.peft_config:
                 raise RuntimeError("the UNet already has a 'default' LoRA adapter; build a new pipeline to retrain")

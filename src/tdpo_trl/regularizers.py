@@ -105,23 +105,16 @@ def load_pretraining_dataset(spec: str, split: str = "train"):
 @torch.no_grad()
 def pretraining_inputs(pipeline, images: torch.Tensor, captions: list[str], generator: torch.Generator, device):
     """What the diffusion model's own training loss needs for `images` `(B, 3, H, W)` in [-1, 1] and `captions`:
-    `(noisy_latents, timesteps, text_embeddings, target)`, noised at uniformly drawn training timesteps; the target is
-    the noise (or v, for v-prediction models). The UNet's MSE to `target` on these inputs is the pretraining loss."""
-    sd = pipeline.sd_pipeline
-    vae, scheduler = sd.vae, sd.scheduler
-    # the posterior mean: what the digits base was trained on; for Stable Diffusion's VAE its spread is negligible
-    latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-    ids = sd.tokenizer(
-        captions, return_tensors="pt", padding="max_length", truncation=True, max_length=sd.tokenizer.model_max_length
-    ).input_ids.to(device)
-    embeds = sd.text_encoder(ids)[0]
+    `(denoiser_inputs, target)`, noised at uniformly drawn training timesteps; the target is what the model predicts
+    (noise, or v for v-prediction models). The denoiser's MSE to `target` on these inputs is the pretraining loss.
+    `pipeline` is a tdpo_trl pipeline wrapper: its family encodes the images and captions."""
+    latents = pipeline.encode_images(images.to(device))
+    _, conditioning = pipeline.encode_prompts(captions, device)
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = torch.randint(0, pipeline.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     timesteps = timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        return noisy, timesteps, embeds, scheduler.get_velocity(latents, noise, timesteps)
-    return noisy, timesteps, embeds, noise
+    noisy, target = pipeline.training_target(latents, noise, timesteps)
+    return pipeline.denoiser_inputs(noisy, timesteps, conditioning, cfg=False), target
 
 
 def ddim_transition(
@@ -147,11 +140,12 @@ def ddim_transition(
     return mean, std
 
 
-def transition_kl(scheduler, output: torch.Tensor, reference_output: torch.Tensor, timesteps, sample, eta: float):
+def transition_kl(pipeline, output: torch.Tensor, reference_output: torch.Tensor, timesteps, sample, eta: float):
     """KL(p_theta(x_{t-1} | x_t) || p_ref(x_{t-1} | x_t)) per sample `(B,)`, averaged over latent dimensions (as
-    DDPO averages log-probs). Both transitions share their standard deviation, so KL = (mu - mu_ref)^2 / (2 std^2)."""
-    mean, std = ddim_transition(scheduler, output, timesteps, sample, eta)
-    reference_mean, _ = ddim_transition(scheduler, reference_output, timesteps, sample, eta)
+    DDPO averages log-probs). Both transitions share their standard deviation, so KL = (mu - mu_ref)^2 / (2 std^2).
+    `pipeline`: a tdpo_trl pipeline wrapper (its `transition` gives each step's mean and standard deviation)."""
+    mean, std = pipeline.transition(output, timesteps, sample, eta=eta)
+    reference_mean, _ = pipeline.transition(reference_output, timesteps, sample, eta=eta)
     kl = (mean.float() - reference_mean.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
 

@@ -25,6 +25,9 @@ class Task:
         reward_function: `(images, prompts, metadata) -> (rewards, metadata)`, or a distribution-level reward.
         prompt_function: `() -> (prompt, metadata)`, e.g. a `tdpo_trl.prompts.PromptSource`.
         weight: > 0; scales this task's policy loss.
+        pretrain_loss_weight: >= 0; scales the pretraining loss (`pretrain_loss_coef`) on this task's updates, e.g.
+            0 for a task that, trained alone, learns only without it. In a minibatch that mixes tasks
+            (`multi_task_update="weighted"`) the minibatch's mean weight applies.
         eval_prompts: held-out prompts of this task: a list, or a prompt spec (built-in set, file); default: the
             config's `eval_prompts`.
     """
@@ -33,6 +36,7 @@ class Task:
     reward_function: Callable
     prompt_function: Callable
     weight: float = 1.0
+    pretrain_loss_weight: float = 1.0
     eval_prompts: Optional[Union[str, list[str]]] = field(default=None)
 
     def __post_init__(self):
@@ -54,6 +58,16 @@ class Task:
             or self.weight <= 0
         ):
             raise ValueError(f"task {self.name!r}: `weight` must be a finite number > 0, got {self.weight!r}")
+        if (
+            isinstance(self.pretrain_loss_weight, bool)
+            or not isinstance(self.pretrain_loss_weight, (int, float))
+            or not math.isfinite(self.pretrain_loss_weight)
+            or self.pretrain_loss_weight < 0
+        ):
+            raise ValueError(
+                f"task {self.name!r}: `pretrain_loss_weight` must be a finite number >= 0, got "
+                f"{self.pretrain_loss_weight!r}"
+            )
         if isinstance(self.eval_prompts, list) and not self.eval_prompts:
             raise ValueError(f"task {self.name!r}: `eval_prompts` is an empty list")
 
@@ -75,7 +89,9 @@ def check_tasks(tasks: Any) -> list[Task]:
     return tasks
 
 
-_TASK_KEYS = {"name", "reward", "prompts", "weight", "eval_prompts", "reward_kwargs", "template"}
+_TASK_KEYS = {
+    "name", "reward", "prompts", "weight", "pretrain_loss_weight", "eval_prompts", "reward_kwargs", "template"
+}  # fmt: skip
 
 
 def _beside(tasks_file: str, value):
@@ -95,6 +111,7 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
       reward: digit_ink          # a registered name or a dotted path, as `--reward`
       prompts: digits            # a built-in set, a text file or dataset:<id>, as `--prompts`
       weight: 1.0                # optional
+      pretrain_loss_weight: 1.0  # optional, scales pretrain_loss_coef on this task's updates
       eval_prompts: digits       # optional
       reward_kwargs: {}          # optional, passed to the reward's constructor
       template: "{}"             # optional prompt template
@@ -142,6 +159,7 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
                     _beside(path, entry["prompts"]), template=entry.get("template", "{}"), seed=seed + position
                 ),
                 weight=entry.get("weight", 1.0),
+                pretrain_loss_weight=entry.get("pretrain_loss_weight", 1.0),
                 eval_prompts=_beside(path, entry.get("eval_prompts")),
             )
         )

@@ -112,7 +112,9 @@ class TDPOTrainer(DDPOTrainer):
         reward_function (`Callable[[torch.Tensor, tuple[str], tuple[Any]], tuple[torch.Tensor, Any]]`):
             `(images, prompts, prompt_metadata) -> (rewards, reward_metadata)`; images are `(B, 3, H, W)` in [0, 1].
         prompt_function (`Callable[[], tuple[str, Any]]`): returns one `(prompt, metadata)` pair per call.
-        sd_pipeline ([`TDPOStableDiffusionPipeline`] or another `trl.DDPOStableDiffusionPipeline`): the model.
+        sd_pipeline ([`TDPOStableDiffusionPipeline`], [`TDPOStableDiffusionXLPipeline`]): the model, wrapped; any
+            wrapper with their interface (`encode_prompts`, `sample_with_log_probs`, `denoiser_inputs`, `predict`,
+            `step_log_prob`, ...: one per model family) trains the same way.
         image_samples_hook (`Callable`, *optional*): called as `hook(prompt_image_data, global_step, tracker)`.
         critic ([`TimestepCritic`], *optional*): a critic to use instead of the one `config.critic_encoder` names.
         callbacks (`list[TDPOCallback]`, *optional*): called at the events listed in [`TDPOCallback`]. An
@@ -183,6 +185,12 @@ class TDPOTrainer(DDPOTrainer):
         self.prompt_fn = self._prompt_fns[0]
         self._task_index = 0  # the task being sampled and scored
         self.training_task: Optional[str] = None  # the task being trained (`step`)
+        if not hasattr(sd_pipeline, "sample_with_log_probs"):
+            raise TypeError(
+                f"`sd_pipeline` must be a tdpo_trl pipeline wrapper (TDPOStableDiffusionPipeline, "
+                f"TDPOStableDiffusionXLPipeline), got {type(sd_pipeline).__name__}; wrap a diffusers pipeline with "
+                "TDPOStableDiffusionPipeline(pipe)"
+            )
         self.sd_pipeline = sd_pipeline
         self.image_samples_callback = image_samples_hook
         self.num_train_timesteps = config.num_train_timesteps
@@ -228,7 +236,7 @@ class TDPOTrainer(DDPOTrainer):
             self.accelerator.mixed_precision, torch.float32
         )
         device = self.accelerator.device
-        for module in (self.sd_pipeline.vae, self.sd_pipeline.text_encoder, self.sd_pipeline.unet):
+        for module in (*self.sd_pipeline.frozen_modules(), self.sd_pipeline.denoiser):
             if module.dtype == inference_dtype:
                 module.to(device)
             else:  # frozen weights are only used for inference
@@ -248,9 +256,8 @@ class TDPOTrainer(DDPOTrainer):
             torch.backends.cuda.matmul.allow_tf32 = True
         self.optimizer = self._setup_optimizer([p for p in unet.parameters() if p.requires_grad])
 
-        with torch.no_grad():
-            negative_ids = self._tokenize([config.negative_prompts])
-            self.neg_prompt_embed = self.sd_pipeline.text_encoder(negative_ids)[0]
+        with torch.no_grad():  # the negative prompt's conditioning (batch 1), for classifier-free guidance
+            self.negative_conditioning = self.sd_pipeline.encode_negative_prompt(config.negative_prompts, device)
         self.stat_trackers = []  # one per task
         if config.per_prompt_stat_tracking:
             self.stat_trackers = [
@@ -271,7 +278,7 @@ class TDPOTrainer(DDPOTrainer):
             self.critic = (
                 critic
                 if critic is not None
-                else TimestepCritic.from_config(config, self._latent_shape(), num_outputs=len(self.tasks))
+                else TimestepCritic.from_config(config, self.sd_pipeline.latent_shape(), num_outputs=len(self.tasks))
             )
             if self.critic.head.num_outputs != len(self.tasks):
                 raise ValueError(
@@ -320,7 +327,7 @@ class TDPOTrainer(DDPOTrainer):
             self.pretraining = PretrainingData(
                 dataset,
                 config.pretrain_batch_size,
-                resolution=sd.unet.config.sample_size * sd.vae_scale_factor,
+                resolution=self.sd_pipeline.latent_shape()[-1] * sd.vae_scale_factor,
                 seed=config.seed,
                 image_column=config.pretrain_image_column,
                 caption_column=config.pretrain_caption_column,
@@ -387,20 +394,6 @@ class TDPOTrainer(DDPOTrainer):
             )
         return ProjectConfiguration(**kwargs)
 
-    def _latent_shape(self) -> tuple[int, int, int]:
-        unet_config = self.sd_pipeline.unet.config
-        return (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-
-    def _tokenize(self, prompts) -> torch.Tensor:
-        tokenizer = self.sd_pipeline.tokenizer
-        return tokenizer(
-            list(prompts),
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=tokenizer.model_max_length,
-        ).input_ids.to(self.accelerator.device)
-
     def _resume(self, path: str):
         """Load weights, optimizers, RNG states, progress, reward statistics and callback state of a (verified)
         checkpoint, after checking that it was written by a model of the same shape."""
@@ -460,8 +453,38 @@ class TDPOTrainer(DDPOTrainer):
     # ------------------------------------------------------------------ sampling
 
     def _generate_samples(self, iterations, batch_size):
-        """DDPO sampling, plus the critic's features and values V(x_t) at every step (TDPO mode)."""
-        samples, prompt_image_pairs = super()._generate_samples(iterations, batch_size)
+        """DDPO sampling (as TRL's, through the pipeline wrapper's `encode_prompts` and `sample_with_log_probs`, so
+        that any model family samples the same way), plus the critic's features and values V(x_t) at every step."""
+        samples, prompt_image_pairs = [], []
+        pipeline, device = self.sd_pipeline, self.accelerator.device
+        pipeline.denoiser.eval()
+        negative = {  # (batch_size, ...) each
+            f"negative_{k}": v.repeat(batch_size, *[1] * (v.ndim - 1)) for k, v in self.negative_conditioning.items()
+        }
+        for _ in range(iterations):
+            prompts, prompt_metadata = zip(*[self.prompt_fn() for _ in range(batch_size)])
+            with torch.no_grad():
+                prompt_ids, conditioning = pipeline.encode_prompts(list(prompts), device)
+            with self.autocast():
+                output = pipeline.sample_with_log_probs(
+                    conditioning,
+                    {k[len("negative_") :]: v for k, v in negative.items()},
+                    num_inference_steps=self.config.sample_num_steps,
+                    guidance_scale=self.config.sample_guidance_scale,
+                    eta=self.config.sample_eta,
+                )
+            samples.append(
+                {
+                    "prompt_ids": prompt_ids,
+                    **conditioning,
+                    "timesteps": output.timesteps,
+                    "latents": output.latents[:, :-1],  # each entry is the latent before timestep t
+                    "next_latents": output.latents[:, 1:],  # each entry is the latent after timestep t
+                    "log_probs": output.log_probs,
+                    **negative,
+                }
+            )
+            prompt_image_pairs.append([output.images, prompts, prompt_metadata])
         if self.critic is None:
             return samples, prompt_image_pairs
         head = self.accelerator.unwrap_model(self.critic_head)
@@ -845,10 +868,12 @@ class TDPOTrainer(DDPOTrainer):
             model.train()
         for j, i in self._update_order(len(batched_samples)):
             sample = batched_samples[i]
-            embeds = self._prompt_embeds(sample)
+            conditioning = self._conditioning(sample)
             with self.accelerator.accumulate(*models):
-                pretrain = None
-                if self.pretraining is not None:
+                pretrain, pretrain_weight = None, self._pretrain_weight(sample["task_index"])
+                # a task with weight 0 skips the pretraining batch; minibatches that mix tasks (training_task None)
+                # always take one, so every process logs the same metrics
+                if self.pretraining is not None and (pretrain_weight > 0 or self.training_task is None):
                     images, captions = self.pretraining.next_batch()
                     pretrain = pretraining_inputs(
                         self.sd_pipeline, images, captions, self.pretraining.generator, self.accelerator.device
@@ -859,8 +884,9 @@ class TDPOTrainer(DDPOTrainer):
                     sample["next_latents"][:, j],
                     sample["log_probs"][:, j],
                     sample["advantages"][:, j],
-                    embeds,
+                    conditioning,
                     pretrain_inputs=pretrain,
+                    pretrain_weight=pretrain_weight,
                 )
                 info["policy/loss"].append(loss.detach())
                 info["policy/approx_kl"].append(approx_kl.detach())
@@ -886,28 +912,41 @@ class TDPOTrainer(DDPOTrainer):
                 )
         return global_step
 
-    def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds, pretrain_inputs=None):
-        """PPO-clipped policy loss of one denoising step, plus the regularizers that are on; as
-        `DDPOTrainer.calculate_loss` but through the prepared (all-reducing) UNet. `advantages` is `(B,)`.
+    def _pretrain_weight(self, task_index: torch.Tensor) -> float:
+        """The pretraining loss's weight on a minibatch: the mean `pretrain_loss_weight` of its samples' tasks."""
+        weights = [task.pretrain_loss_weight for task in self.tasks]
+        if all(w == weights[0] for w in weights):
+            return float(weights[0])
+        return float(torch.tensor(weights)[task_index.cpu()].mean())
 
-        `pretrain_inputs` = `(noisy_latents, timesteps, text_embeddings, target)` of a pretraining batch
-        (`regularizers.pretraining_inputs`), denoised in the same UNet call as the policy's minibatch (DDP allows one
-        forward per backward). Returns `(loss, approx_kl, clipfrac, terms)`; `loss` includes
-        `pretrain_loss_coef * terms["pretrain/loss"]` and `kl_coef * terms["policy/kl_ref"]` when those are on.
+    def calculate_loss(
+        self, latents, timesteps, next_latents, log_probs, advantages, conditioning, pretrain_inputs=None,
+        pretrain_weight=1.0,
+    ):  # fmt: skip
+        """PPO-clipped policy loss of one denoising step, plus the regularizers that are on; as
+        `DDPOTrainer.calculate_loss` but through the prepared (all-reducing) denoiser and the pipeline wrapper's
+        denoiser call and log-prob step. `advantages` is `(B,)`; `conditioning` the minibatch's text conditioning
+        (`_conditioning`).
+
+        `pretrain_inputs` = `(denoiser_inputs, target)` of a pretraining batch (`regularizers.pretraining_inputs`),
+        denoised in the same call as the policy's minibatch (DDP allows one forward per backward).
+
+        Returns `(loss, approx_kl, clipfrac, terms)`; `loss` includes `pretrain_loss_coef * pretrain_weight *
+        terms["pretrain/loss"]` and `kl_coef * terms["policy/kl_ref"]` when those are on.
         """
-        config = self.config
-        policy_inputs = self._unet_inputs(latents, timesteps, embeds)
+        config, pipeline = self.config, self.sd_pipeline
+        policy_inputs = pipeline.denoiser_inputs(latents, timesteps, conditioning, config.train_cfg)
         inputs = policy_inputs
-        if pretrain_inputs is not None:
-            inputs = [torch.cat([a, b.to(a.dtype)]) for a, b in zip(policy_inputs, pretrain_inputs[:3])]
-        num_policy = len(policy_inputs[0])
+        if pretrain_inputs is not None:  # one batch: the policy's rows, then the pretraining rows
+            inputs = {k: torch.cat([v, pretrain_inputs[0][k].to(v.dtype)]) for k, v in policy_inputs.items()}
+        num_policy = len(policy_inputs["sample"])
         with self.autocast():
-            prediction = self.unet(*inputs).sample
+            prediction = pipeline.predict(self.unet, inputs)
             noise_pred = self._guided(prediction[:num_policy])
             # log-prob of next_latents given latents under the current policy
-            log_prob = self.sd_pipeline.scheduler_step(
-                noise_pred, timesteps, latents, eta=config.sample_eta, prev_sample=next_latents
-            ).log_probs
+            log_prob = pipeline.step_log_prob(
+                noise_pred, timesteps, latents, eta=config.sample_eta, next_latents=next_latents
+            )
         log_ratio = log_prob - log_probs
         ratio = torch.exp(log_ratio)
         loss = self.loss(advantages, config.train_clip_range, ratio)
@@ -915,33 +954,24 @@ class TDPOTrainer(DDPOTrainer):
         clipfrac = torch.mean((torch.abs(ratio - 1.0) > config.train_clip_range).float())
         terms = {}
         if pretrain_inputs is not None:
-            terms["pretrain/loss"] = F.mse_loss(prediction[num_policy:].float(), pretrain_inputs[3].float())
-            loss = loss + config.pretrain_loss_coef * terms["pretrain/loss"]
+            terms["pretrain/loss"] = F.mse_loss(prediction[num_policy:].float(), pretrain_inputs[1].float())
+            loss = loss + config.pretrain_loss_coef * pretrain_weight * terms["pretrain/loss"]
         if config.kl_coef > 0 and config.kl_penalty == "loss":
             terms["policy/kl_ref"] = self._kl_to_reference(noise_pred, policy_inputs, timesteps, latents).mean()
             loss = loss + config.kl_coef * terms["policy/kl_ref"]
         return loss, approx_kl, clipfrac, terms
 
-    def _prompt_embeds(self, sample: dict) -> torch.Tensor:
-        """The text embeddings of a minibatch; with `train_cfg` `(2B, L, D)`: negative prompts, then the prompts (one
-        UNet call instead of two)."""
-        if self.config.train_cfg:
-            return torch.cat([sample["negative_prompt_embeds"], sample["prompt_embeds"]])
-        return sample["prompt_embeds"]
-
-    def _unet_inputs(self, latents, timesteps, embeds) -> list[torch.Tensor]:
-        """UNet arguments of one denoising step; with `train_cfg` `(2B, ...)`: unconditional, then conditional."""
-        if self.config.train_cfg:
-            return [torch.cat([latents] * 2), torch.cat([timesteps] * 2), embeds]
-        return [latents, timesteps, embeds]
+    def _conditioning(self, sample: dict) -> dict[str, torch.Tensor]:
+        """A minibatch's text conditioning (prompts' and `negative_` ones), as sampling recorded it."""
+        keys = self.negative_conditioning.keys()  # e.g. {"prompt_embeds"}; SDXL adds pooled embeds and time ids
+        return {k: v for k, v in sample.items() if k in keys or (k.startswith("negative_") and k[9:] in keys)}
 
     def _kl_to_reference(self, noise_pred, unet_inputs, timesteps, latents) -> torch.Tensor:
         """Per-sample KL `(B,)` between the transition `noise_pred` gives and the base model's on `unet_inputs`."""
         unet = self.accelerator.unwrap_model(self.unet)
         with torch.no_grad(), reference_policy(unet, self._reference_unet) as reference, self.autocast():
-            reference_pred = self._guided(reference(*unet_inputs).sample)
-        scheduler, eta = self.sd_pipeline.scheduler, self.config.sample_eta
-        return transition_kl(scheduler, noise_pred, reference_pred, timesteps, latents, eta)
+            reference_pred = self._guided(self.sd_pipeline.predict(reference, unet_inputs))
+        return transition_kl(self.sd_pipeline, noise_pred, reference_pred, timesteps, latents, self.config.sample_eta)
 
     @torch.no_grad()
     def _sampled_kl(self, samples: dict) -> torch.Tensor:
@@ -952,12 +982,12 @@ class TDPOTrainer(DDPOTrainer):
         size = self.config.train_batch_size
         for start in range(0, num_samples, size):
             rows = slice(start, start + size)
-            embeds = self._prompt_embeds({k: samples[k][rows] for k in ("prompt_embeds", "negative_prompt_embeds")})
+            conditioning = {k: v[rows] for k, v in self._conditioning(samples).items()}
             for j in range(num_steps):
                 latents, timesteps = samples["latents"][rows, j], samples["timesteps"][rows, j]
-                inputs = self._unet_inputs(latents, timesteps, embeds)
+                inputs = self.sd_pipeline.denoiser_inputs(latents, timesteps, conditioning, self.config.train_cfg)
                 with self.autocast():
-                    noise_pred = self._guided(unet(*inputs).sample)
+                    noise_pred = self._guided(self.sd_pipeline.predict(unet, inputs))
                 kl[rows, j] = self._kl_to_reference(noise_pred, inputs, timesteps, latents)
         return kl
 
@@ -1011,6 +1041,7 @@ class TDPOTrainer(DDPOTrainer):
             final_metrics=self.log_history[-1] if self.log_history else None,
             note=guard.explanation() if guard else None,
             version=__version__,
+            pipeline_class=type(self.sd_pipeline.sd_pipeline).__name__,
         )
 
     def save_pretrained(

@@ -1,9 +1,10 @@
 """Train the tiny pipeline on every process and save each rank's trainable weights, for comparison across ranks.
 
 Run: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/train_two_processes.py OUT_DIR \
-        {tdpo,ddpo,multitask} [EPOCHS] [RUN_NAME] [--resume]
+        {tdpo,ddpo,multitask,sdxl} [EPOCHS] [RUN_NAME] [--resume]
 Writes OUT_DIR/<RUN_NAME>_rank<i>.safetensors (RUN_NAME defaults to the mode). `multitask`: TDPO-R on two tasks, a
-per-image reward and a distribution-level one (diversity, its prompt groups gathered over the ranks).
+per-image reward and a distribution-level one (diversity, its prompt groups gathered over the ranks). `sdxl`: TDPO-R
+on the tiny SDXL pipeline.
 """
 
 import os
@@ -12,9 +13,16 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from tdpo_trl import Diversity, Task, TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl import (
+    Diversity,
+    Task,
+    TDPOConfig,
+    TDPOStableDiffusionPipeline,
+    TDPOStableDiffusionXLPipeline,
+    TDPOTrainer,
+)
 from tdpo_trl.prompts import PromptSource
-from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
+from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 
 def pixels(images):  # a frozen "encoder" for the diversity reward: the flattened 4x4-pooled image
@@ -55,7 +63,10 @@ def main(out_dir: str, mode: str, epochs: int = 2, run_name: str = "", resume: b
         eval_num_prompts=2,
         seed=0,
     )
-    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion())
+    if mode == "sdxl":
+        pipeline = TDPOStableDiffusionXLPipeline(tiny_stable_diffusion_xl())
+    else:
+        pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion())
     if mode == "multitask":
         trainer = TDPOTrainer(config, None, None, pipeline, tasks=two_tasks())
     else:

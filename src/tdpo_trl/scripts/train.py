@@ -29,14 +29,21 @@ from transformers import HfArgumentParser
 
 from ..cli import one_line_errors
 from ..distribution_rewards import is_distribution_reward
-from ..loading import check_model_reference
+from ..loading import check_model_reference, load_pretrained
 from ..pipeline import TDPOStableDiffusionPipeline
+from ..pipeline_sdxl import TDPOStableDiffusionXLPipeline
 from ..prompts import get_prompt_function
 from ..rewards import REWARD_FUNCTIONS, get_reward_function
 from ..tasks import load_tasks
 from ..tdpo_config import JSONDict, TDPOConfig
 from ..tdpo_trainer import TDPOTrainer, shown_reward_key
-from ..tiny_models import TINY_TRAINING_DEFAULTS, left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
+from ..tiny_models import (
+    TINY_TRAINING_DEFAULTS,
+    left_minus_right_brightness,
+    mean_brightness,
+    tiny_stable_diffusion,
+    tiny_stable_diffusion_xl,
+)
 from ..trainer_callback import JSONLinesLoggerCallback
 from ..validation import check_writable_folder, field_errors
 
@@ -85,7 +92,14 @@ DIGITS_DEFAULTS = dict(
     eval_reward_functions=["digit_accuracy", "digit_realism", "digit_nearest_real", "digit_stroke_mass"],
     eval_prompts="digits",
 )
-MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "digits": DIGITS_DEFAULTS}
+# the tiny SDXL learns the tiny reward without guidance and with a larger step (tests/test_sdxl.py)
+TINY_SDXL_DEFAULTS = {**TINY_DEFAULTS, "sample_guidance_scale": 1.0, "train_learning_rate": 5e-3}
+MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "tiny-sdxl": TINY_SDXL_DEFAULTS, "digits": DIGITS_DEFAULTS}
+# the diffusers pipeline class a model folder names (model_index.json) -> the wrapper that trains it
+MODEL_FAMILIES = {
+    "StableDiffusionPipeline": TDPOStableDiffusionPipeline,
+    "StableDiffusionXLPipeline": TDPOStableDiffusionXLPipeline,
+}
 
 # A distribution-level reward (`--reward digit_parity`, `diversity`, ...) is measured on the training prompts: they
 # become the held-out prompts (unless `--eval_prompts` says otherwise), drawn often enough to estimate a distribution.
@@ -122,8 +136,9 @@ class ScriptArguments:
     pretrained_model: str = field(
         default="tiny",
         metadata={
-            "help": "A diffusers Stable Diffusion model id or folder; 'digits' for the shipped 16x16 digits model; "
-            "'tiny' for the embedded tiny random model."
+            "help": "A diffusers Stable Diffusion (1.x/2.x) or SDXL model id or folder (the family is read from its "
+            "model_index.json); 'digits' for the shipped 16x16 digits model; 'tiny' / 'tiny-sdxl' for the embedded "
+            "tiny random SD / SDXL models."
         },
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
@@ -186,17 +201,32 @@ def parse_args(argv: Optional[list[str]] = None, defaults: Optional[dict] = None
     return parser.parse_args_into_dataclasses(argv)
 
 
+def model_family(reference: str, revision: str = "main"):
+    """The wrapper class that trains the diffusers pipeline `reference` names in its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    config = load_pretrained(DiffusionPipeline.load_config, reference, "pretrained_model", revision=revision)
+    class_name = config.get("_class_name")
+    if class_name not in MODEL_FAMILIES:
+        raise ValueError(
+            f"`pretrained_model` {reference!r} is a {class_name!r}; tdpo-trl trains {sorted(MODEL_FAMILIES)}"
+        )
+    return MODEL_FAMILIES[class_name]
+
+
 def load_pipeline(script_args: ScriptArguments, config: TDPOConfig) -> TDPOStableDiffusionPipeline:
+    # LoRA or full UNet, and the adapter's shape, come from the config (`--use_lora`, `--lora_rank`, ...)
     if script_args.pretrained_model == "tiny":
-        model = tiny_stable_diffusion(seed=config.seed)
-    elif script_args.pretrained_model == "digits":
+        return TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=config.seed))
+    if script_args.pretrained_model == "tiny-sdxl":
+        return TDPOStableDiffusionXLPipeline(tiny_stable_diffusion_xl(seed=config.seed))
+    if script_args.pretrained_model == "digits":
         from ..digits import load_digits_pipeline
 
-        model = load_digits_pipeline()
-    else:
-        model = script_args.pretrained_model
-    # LoRA or full UNet, and the adapter's shape, come from the config (`--use_lora`, `--lora_rank`, ...)
-    return TDPOStableDiffusionPipeline(model, pretrained_model_revision=script_args.pretrained_revision)
+        return TDPOStableDiffusionPipeline(load_digits_pipeline())
+    revision = script_args.pretrained_revision
+    family = model_family(script_args.pretrained_model, revision)
+    return family(script_args.pretrained_model, pretrained_model_revision=revision)
 
 
 def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=None) -> TDPOTrainer:

@@ -93,3 +93,42 @@ def test_critic_fits_a_synthetic_value_target():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_critic_decoder_decodes_x_t_for_the_critic_instead_of_the_vae(tmp_path, tiny_clip_path):
+    from conftest import tiny_config
+    from diffusers import AutoencoderTiny
+
+    from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
+    from tdpo_trl.tiny_models import mean_brightness, tiny_autoencoder_tiny
+
+    tiny_autoencoder_tiny().save_pretrained(tmp_path / "taesd")
+    calls = {"vae": 0, "taesd": 0}
+
+    def count(name, decode):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return decode(*args, **kwargs)
+
+        return counted
+
+    def sample(critic_decoder):
+        config = tiny_config(tmp_path, critic_encoder=tiny_clip_path, critic_decoder=critic_decoder,
+                             run_name=critic_decoder or "vae", critic_encode_batch_size=4)  # fmt: skip
+        pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True)
+        trainer = TDPOTrainer(config, mean_brightness, lambda: ("a cat", {}), pipeline)
+        pipeline.vae.decode = count("vae", pipeline.vae.decode)
+        if critic_decoder:
+            assert isinstance(trainer.critic_decoder, AutoencoderTiny)
+            trainer.critic_decoder.decode = count("taesd", trainer.critic_decoder.decode)
+        calls.update(vae=0, taesd=0)
+        samples, _ = trainer._generate_samples(1, 4)  # 4 samples x 4 steps = 16 x_t, 4 per critic batch
+        return dict(calls), samples[0]["critic_features"]
+
+    with_vae, vae_features = sample("")
+    assert with_vae == {"vae": 1 + 4, "taesd": 0}  # the final images, and every x_t for the critic
+    with_taesd, taesd_features = sample(str(tmp_path / "taesd"))
+    assert with_taesd == {"vae": 1, "taesd": 4}  # the VAE decodes only the images the reward scores
+    assert taesd_features.shape == vae_features.shape and not torch.allclose(taesd_features, vae_features)
+    with pytest.raises(ValueError, match="critic_decoder"):
+        tiny_config(tmp_path, critic_decoder=str(tmp_path / "missing-taesd"))

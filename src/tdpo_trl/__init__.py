@@ -8,6 +8,7 @@ from .guard import OverOptimizationGuard
 from .modeling_critic import CLIPImageFeatures, LatentFeatures, TimestepCritic, ValueHead
 from .neuron_reset import ActiveNeuronResetCallback
 from .pipeline import TDPOStableDiffusionPipeline
+from .pipeline_sd3 import TDPOStableDiffusion3Pipeline
 from .pipeline_sdxl import TDPOStableDiffusionXLPipeline
 from .tasks import Task, load_tasks
 from .tdpo_config import TDPOConfig
@@ -25,6 +26,7 @@ __all__ = [
     "StatisticalParity",
     "TDPOCallback",
     "TDPOConfig",
+    "TDPOStableDiffusion3Pipeline",
     "TDPOStableDiffusionPipeline",
     "TDPOStableDiffusionXLPipeline",
     "TDPOTrainer",

@@ -5,6 +5,7 @@ Figs. 1 and 5). `evaluate_checkpoints` scores saved checkpoints on a fixed, seed
 draws target reward (x) against each out-of-domain reward (y), one point per checkpoint and one line per run.
 """
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -54,7 +55,9 @@ def mean_std(scores: dict[str, torch.Tensor], prefix: str = "") -> dict[str, flo
 @torch.no_grad()
 def sample_images(pipeline, prompts: list[str], *, seed: int, num_inference_steps: int, guidance_scale: float,
                   eta: float, batch_size: int = 8) -> torch.Tensor:  # fmt: skip
-    """Images `(N, 3, H, W)` in [0, 1] from a diffusers pipeline, seeded; the global RNG is left as it was."""
+    """Images `(N, 3, H, W)` in [0, 1] from a diffusers pipeline, seeded; the global RNG is left as it was. `eta`
+    goes to pipelines that take it (DDIM-sampled SD, SDXL); flow-matching ones (SD3) sample their ODE."""
+    extra = {"eta": eta} if "eta" in inspect.signature(pipeline.__call__).parameters else {}
     device = pipeline.device
     devices = [device] if device.type == "cuda" else []
     images = []
@@ -66,9 +69,9 @@ def sample_images(pipeline, prompts: list[str], *, seed: int, num_inference_step
                 prompts[i : i + batch_size],
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                eta=eta,
                 generator=generator,
                 output_type="pt",
+                **extra,
             )
             images.append(output.images.float().cpu())
     return torch.cat(images)

@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from trl import DefaultDDPOStableDiffusionPipeline
 
@@ -93,6 +94,15 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         self.use_lora = use_lora
         self.lora_config = lora_config
 
+        self._configure_scheduler()
+        if hasattr(self.sd_pipeline, "safety_checker"):
+            self.sd_pipeline.safety_checker = None
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        self.denoiser.requires_grad_(not self.use_lora)
+
+    def _configure_scheduler(self):
+        """DDIM, whose steps are Gaussian with a known log-prob (TRL's `scheduler_step`)."""
         self.sd_pipeline.scheduler = DDIMScheduler.from_config(self.sd_pipeline.scheduler.config)
         scheduler_config = self.sd_pipeline.scheduler.config
         if scheduler_config.timestep_spacing == "leading" and scheduler_config.steps_offset == 0:
@@ -102,11 +112,6 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
                 "log-probabilities are undefined; set `steps_offset=1` (as Stable Diffusion) or "
                 "timestep_spacing='trailing' in the scheduler config"
             )
-        if hasattr(self.sd_pipeline, "safety_checker"):
-            self.sd_pipeline.safety_checker = None
-        for module in self.frozen_modules():
-            module.requires_grad_(False)
-        self.denoiser.requires_grad_(not self.use_lora)
 
     # ---------------------------------------------------------------- what the trainer calls (one per model family)
 
@@ -141,7 +146,13 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         self, conditioning: dict, negative_conditioning: dict, *, num_inference_steps: int, guidance_scale: float,
         eta: float,
     ) -> SampledTrajectories:  # fmt: skip
-        """Sample a batch with TRL's DDIM sampler, recording every step's latent and log-prob."""
+        """Sample a batch with TRL's DDIM sampler, recording every step's latent and log-prob. Without guidance
+        (`guidance_scale <= 1`, which TRL's sampler does not support) through `sample_ddim`."""
+        if guidance_scale <= 1.0:
+            return self.sample_ddim(
+                conditioning, negative_conditioning, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, eta=eta,
+            )  # fmt: skip
         output = self(
             prompt_embeds=conditioning["prompt_embeds"],
             negative_prompt_embeds=negative_conditioning["prompt_embeds"],
@@ -157,6 +168,54 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
             log_probs=torch.stack(output.log_probs, dim=1),  # (B, T)
             timesteps=self.scheduler.timesteps.repeat(batch, 1),  # (B, T)
         )
+
+    @torch.no_grad()
+    def sample_ddim(
+        self, conditioning: dict, negative_conditioning: dict, *, num_inference_steps: int, guidance_scale: float,
+        eta: float,
+    ) -> SampledTrajectories:  # fmt: skip
+        """DDIM sampling through the wrapper's `denoiser_inputs` / `predict` and TRL's `scheduler_step`, from the
+        global RNG as TRL's SD sampler; guidance only when `guidance_scale > 1`."""
+        scheduler = self.scheduler
+        embeds = conditioning["prompt_embeds"]
+        batch, device = len(embeds), embeds.device
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = randn_tensor((batch, *self.latent_shape()), device=device, dtype=embeds.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        cfg = guidance_scale > 1.0
+        both = {**conditioning, **{f"negative_{k}": v for k, v in negative_conditioning.items()}}
+        all_latents, log_probs = [latents], []
+        for t in scheduler.timesteps:
+            timesteps = t.repeat(batch)  # (B,)
+            inputs = self.denoiser_inputs(scheduler.scale_model_input(latents, t), timesteps, both, cfg)
+            prediction = self.predict(self.denoiser, inputs)
+            if cfg:
+                uncond, cond = prediction.chunk(2)
+                prediction = uncond + guidance_scale * (cond - uncond)
+            step = self.scheduler_step(prediction, timesteps, latents, eta=eta)
+            latents = step.latents
+            all_latents.append(latents)
+            log_probs.append(step.log_probs)
+        return SampledTrajectories(
+            images=self.decode(latents),
+            latents=torch.stack(all_latents, dim=1),  # (B, T + 1, C, h, w)
+            log_probs=torch.stack(log_probs, dim=1),  # (B, T)
+            timesteps=scheduler.timesteps.repeat(batch, 1),  # (B, T)
+        )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [0, 1]; an fp16 VAE that asks for it (`force_upcast`) decodes in fp32."""
+        vae = self.sd_pipeline.vae
+        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+        dtype = torch.float32 if upcast else vae.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            images = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        return (images / 2 + 0.5).clamp(0, 1)
 
     def denoiser_inputs(self, latents, timesteps, conditioning: dict, cfg: bool) -> dict[str, torch.Tensor]:
         """The denoiser's batch-first keyword arguments for one step. With `cfg` `(2B, ...)`: the negative prompt's
@@ -225,20 +284,24 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
                     param.data = param.data.float()
         return unet
 
+    denoiser_name = "unet"  # the denoiser's name in diffusers' LoRA files (`<name>.` key prefix, `<name>_lora_layers`)
+
     def save_checkpoint(self, models, weights, output_dir):
         """The LoRA in diffusers format, with its config (rank, alpha, targets) in the safetensors metadata so that
         `load_lora_weights` restores the same scaling; the whole UNet under `unet/` without LoRA."""
         if not self.use_lora:
             return super().save_checkpoint(models, weights, output_dir)
         if len(models) != 1:
-            raise ValueError(f"expected the UNet alone, got {len(models)} models")
-        unet = models[0]
-        state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="default"))
+            raise ValueError(f"expected the {self.denoiser_name} alone, got {len(models)} models")
+        denoiser, name = models[0], self.denoiser_name
+        state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name="default"))
         self.sd_pipeline.save_lora_weights(
             save_directory=output_dir,
-            unet_lora_layers=state_dict,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
             weight_name=LORA_WEIGHT_NAME,
+            **{
+                f"{name}_lora_layers": state_dict,
+                f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+            },
         )
 
     def load_checkpoint(self, models, input_dir):
@@ -246,10 +309,14 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         if not self.use_lora:
             return super().load_checkpoint(models, input_dir)
         if len(models) != 1:
-            raise ValueError(f"expected the UNet alone, got {len(models)} models")
-        state_dict, _ = self.sd_pipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
-        unet_state_dict = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
-        unet_state_dict = convert_unet_state_dict_to_peft(unet_state_dict)
-        result = set_peft_model_state_dict(models[0], unet_state_dict, adapter_name="default")
+            raise ValueError(f"expected the {self.denoiser_name} alone, got {len(models)} models")
+        loaded = self.sd_pipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
+        state_dict = loaded[0] if isinstance(loaded, tuple) else loaded  # SD/SDXL: (state_dict, alphas); SD3: dict
+        prefix = f"{self.denoiser_name}."
+        denoiser_state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        denoiser_state_dict = convert_unet_state_dict_to_peft(denoiser_state_dict)
+        result = set_peft_model_state_dict(models[0], denoiser_state_dict, adapter_name="default")
         if result.unexpected_keys:
-            raise ValueError(f"checkpoint {input_dir} has LoRA keys this UNet lacks: {result.unexpected_keys[:5]}")
+            raise ValueError(
+                f"checkpoint {input_dir} has LoRA keys this {self.denoiser_name} lacks: {result.unexpected_keys[:5]}"
+            )

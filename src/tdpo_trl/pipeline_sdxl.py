@@ -9,7 +9,6 @@ reads it.
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline import SampledTrajectories, TDPOStableDiffusionPipeline
 
@@ -75,55 +74,12 @@ class TDPOStableDiffusionXLPipeline(TDPOStableDiffusionPipeline):
             return inputs
         return {"sample": latents, "timestep": timesteps, **{name: conditioning[key] for key, name in keys.items()}}
 
+    def sample_with_log_probs(self, conditioning: dict, negative_conditioning: dict, **kwargs) -> SampledTrajectories:
+        """DDIM sampling through `predict` and TRL's `scheduler_step` (`sample_ddim`)."""
+        return self.sample_ddim(conditioning, negative_conditioning, **kwargs)
+
     def predict(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
         return model(
             inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added_cond_kwargs=added
         ).sample
-
-    @torch.no_grad()
-    def sample_with_log_probs(
-        self, conditioning: dict, negative_conditioning: dict, *, num_inference_steps: int, guidance_scale: float,
-        eta: float,
-    ) -> SampledTrajectories:  # fmt: skip
-        """DDIM sampling through `predict` and TRL's `scheduler_step`, from the global RNG (as TRL's SD sampler)."""
-        sd, scheduler = self.sd_pipeline, self.scheduler
-        embeds = conditioning["prompt_embeds"]
-        batch, device = len(embeds), embeds.device
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = randn_tensor((batch, *self.latent_shape()), device=device, dtype=embeds.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        cfg = guidance_scale > 1.0
-        both = {**conditioning, **{f"negative_{k}": v for k, v in negative_conditioning.items()}}
-        all_latents, log_probs = [latents], []
-        for t in scheduler.timesteps:
-            timesteps = t.repeat(batch)  # (B,)
-            inputs = self.denoiser_inputs(scheduler.scale_model_input(latents, t), timesteps, both, cfg)
-            prediction = self.predict(sd.unet, inputs)
-            if cfg:
-                uncond, cond = prediction.chunk(2)
-                prediction = uncond + guidance_scale * (cond - uncond)
-            step = self.scheduler_step(prediction, timesteps, latents, eta=eta)
-            latents = step.latents
-            all_latents.append(latents)
-            log_probs.append(step.log_probs)
-        return SampledTrajectories(
-            images=self.decode(latents),
-            latents=torch.stack(all_latents, dim=1),  # (B, T + 1, C, h, w)
-            log_probs=torch.stack(log_probs, dim=1),  # (B, T)
-            timesteps=scheduler.timesteps.repeat(batch, 1),  # (B, T)
-        )
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images `(B, 3, H, W)` in [0, 1]; an fp16 VAE that asks for it (`force_upcast`) decodes in fp32."""
-        vae = self.sd_pipeline.vae
-        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
-        dtype = torch.float32 if upcast else vae.dtype
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            images = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-        return (images / 2 + 0.5).clamp(0, 1)

@@ -110,6 +110,11 @@ class TDPOConfig(DDPOConfig):
             decoding (cheap; for small models). `"digit_classifier"`: for the shipped digits model, the frozen digit
             classifier's features of the decoded x_t, the features its ink reward reads. Pass `critic=` to
             [`TDPOTrainer`] for any other encoder.
+        critic_decoder (`str`, *optional*, defaults to `""`):
+            What decodes x_t for an image-reading critic: `""` the pipeline's VAE, or a diffusers `AutoencoderTiny`
+            id or folder (TAESD: `"madebyollin/taesd"` for SD 1.x/2.x, `"madebyollin/taesdxl"` for SDXL), about
+            as cheap as a few convolutions instead of the full VAE decoder at every step. Rewards still see the
+            VAE's images.
         critic_hidden_sizes (`list[int]`, *optional*, defaults to `[1024, 128, 64, 16]`):
             Hidden layer widths of the critic's MLP head (the LAION aesthetic-predictor shape).
         critic_dropout (`list[float]`, *optional*, defaults to `[0.2, 0.2, 0.1, 0.0]`):
@@ -283,6 +288,13 @@ class TDPOConfig(DDPOConfig):
         metadata={
             "help": "What the critic reads: a CLIP vision checkpoint id or path (x_t is VAE-decoded and embedded, as "
             "the paper), or 'latents' (the flattened latent x_t, no decoding)."
+        },
+    )
+    critic_decoder: str = field(
+        default="",
+        metadata={
+            "help": "Decoder of x_t for an image-reading critic: '' the pipeline's VAE, or an AutoencoderTiny id or "
+            "folder (TAESD, e.g. madebyollin/taesd): far cheaper per step; rewards still see the VAE's images."
         },
     )
     critic_hidden_sizes: list[int] = field(
@@ -533,6 +545,8 @@ class TDPOConfig(DDPOConfig):
             raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
         if self.use_critic:  # no network: a built-in name, a local folder or a well-formed Hub id
             check_model_reference(self.critic_encoder, "critic_encoder", CRITIC_ENCODER_NAMES)
+            if self.critic_decoder:
+                check_model_reference(self.critic_decoder, "critic_decoder")
         if self.pretrain_loss_coef > 0 and not self.pretrain_dataset:
             raise ValueError(
                 f"`pretrain_loss_coef` is {self.pretrain_loss_coef} but `pretrain_dataset` is empty; name the "

@@ -46,6 +46,7 @@ from .distribution_rewards import DistributionReward, is_distribution_reward
 from .evaluation import mean_std, sample_images, save_image_grid, score_images
 from .guard import OverOptimizationGuard
 from .hub import check_repo_id, push_folder
+from .loading import load_pretrained
 from .model_card import create_model_card
 from .modeling_critic import TimestepCritic
 from .neuron_reset import ActiveNeuronResetCallback
@@ -286,6 +287,13 @@ class TDPOTrainer(DDPOTrainer):
                     "give it one output per task (`num_outputs`)"
                 )
             self.critic.encoder.to(device, dtype=inference_dtype)
+            # what decodes x_t for an image-reading critic: the VAE, or a cheap AutoencoderTiny (TAESD)
+            self.critic_decoder = self.sd_pipeline.vae
+            if config.critic_decoder and self.critic.needs_pixels:
+                from diffusers import AutoencoderTiny
+
+                decoder = load_pretrained(AutoencoderTiny.from_pretrained, config.critic_decoder, "critic_decoder")
+                self.critic_decoder = decoder.requires_grad_(False).eval().to(device, dtype=inference_dtype)
             self.critic.head.to(device, dtype=torch.float32)
             critic_optimizer = torch.optim.AdamW(
                 self.critic.head.parameters(),
@@ -493,7 +501,7 @@ class TDPOTrainer(DDPOTrainer):
             latents = sample["latents"]  # (B, T, C, h, w): x_t before each denoising step
             batch, steps = latents.shape[:2]
             features = self.critic.encode(
-                latents.flatten(0, 1), self.sd_pipeline.vae, batch_size=self.config.critic_encode_batch_size
+                latents.flatten(0, 1), self.critic_decoder, batch_size=self.config.critic_encode_batch_size
             )  # (B*T, D)
             sample["critic_features"] = features.view(batch, steps, -1)
             task_index = torch.full((batch, steps), self._task_index, device=features.device)

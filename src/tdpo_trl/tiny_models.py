@@ -172,6 +172,70 @@ def tiny_stable_diffusion_xl(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
+def tiny_stable_diffusion_3(seed: int = 0):
+    """A seeded SD3-shaped pipeline (sizes of diffusers' SD3 `get_dummy_components`, at 8x8 latents): a one-layer
+    `SD3Transformer2DModel`, two CLIP text encoders with 32-d projections, no T5 (its conditioning is zeros), a VAE
+    with SD3's latent shift and scale, and the flow-matching Euler scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # the two CLIP encoders' hidden states, concatenated
+        pooled_projection_dim=64,  # and their pooled projections
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **_TINY_TOWER,
+        layer_norm_eps=1e-5,
+        vocab_size=len(tiny_tokenizer()),
+        max_position_embeddings=TINY_PROMPT_LENGTH,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(text_config)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    vae = _tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5035)  # SD3's VAE statistics
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_autoencoder_tiny(seed: int = 0):
+    """A seeded `AutoencoderTiny` (TAESD's architecture, two blocks of width 32) that decodes the tiny models' 4x8x8
+    latents to 16x16 images: a stand-in for madebyollin/taesd as `critic_decoder`."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(32, 32),
+        decoder_block_out_channels=(32, 32),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    )
+
+
 def tiny_clip_vision_model(seed: int = 0, image_size: int = 16) -> CLIPVisionModelWithProjection:
     """A seeded two-layer CLIP image encoder with a 16-d projection (a stand-in for ViT-L/14 in tests)."""
     torch.manual_seed(seed)

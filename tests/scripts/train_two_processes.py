@@ -1,10 +1,10 @@
 """Train the tiny pipeline on every process and save each rank's trainable weights, for comparison across ranks.
 
 Run: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/train_two_processes.py OUT_DIR \
-        {tdpo,ddpo,multitask,sdxl} [EPOCHS] [RUN_NAME] [--resume]
+        {tdpo,ddpo,multitask,sdxl,sd3} [EPOCHS] [RUN_NAME] [--resume]
 Writes OUT_DIR/<RUN_NAME>_rank<i>.safetensors (RUN_NAME defaults to the mode). `multitask`: TDPO-R on two tasks, a
-per-image reward and a distribution-level one (diversity, its prompt groups gathered over the ranks). `sdxl`: TDPO-R
-on the tiny SDXL pipeline.
+per-image reward and a distribution-level one (diversity, its prompt groups gathered over the ranks). `sdxl`, `sd3`:
+TDPO-R on the tiny SDXL / SD3 pipeline.
 """
 
 import os
@@ -17,12 +17,18 @@ from tdpo_trl import (
     Diversity,
     Task,
     TDPOConfig,
+    TDPOStableDiffusion3Pipeline,
     TDPOStableDiffusionPipeline,
     TDPOStableDiffusionXLPipeline,
     TDPOTrainer,
 )
 from tdpo_trl.prompts import PromptSource
-from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion, tiny_stable_diffusion_xl
+from tdpo_trl.tiny_models import (
+    left_minus_right_brightness,
+    tiny_stable_diffusion,
+    tiny_stable_diffusion_3,
+    tiny_stable_diffusion_xl,
+)
 
 
 def pixels(images):  # a frozen "encoder" for the diversity reward: the flattened 4x4-pooled image
@@ -65,6 +71,8 @@ def main(out_dir: str, mode: str, epochs: int = 2, run_name: str = "", resume: b
     )
     if mode == "sdxl":
         pipeline = TDPOStableDiffusionXLPipeline(tiny_stable_diffusion_xl())
+    elif mode == "sd3":
+        pipeline = TDPOStableDiffusion3Pipeline(tiny_stable_diffusion_3(), max_sequence_length=16)
     else:
         pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion())
     if mode == "multitask":

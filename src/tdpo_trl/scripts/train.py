@@ -31,6 +31,7 @@ from ..cli import one_line_errors
 from ..distribution_rewards import is_distribution_reward
 from ..loading import check_model_reference, load_pretrained
 from ..pipeline import TDPOStableDiffusionPipeline
+from ..pipeline_sd3 import TDPOStableDiffusion3Pipeline
 from ..pipeline_sdxl import TDPOStableDiffusionXLPipeline
 from ..prompts import get_prompt_function
 from ..rewards import REWARD_FUNCTIONS, get_reward_function
@@ -99,6 +100,7 @@ MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "tiny-sdxl": TINY_SDXL_DEFAULTS, "digit
 MODEL_FAMILIES = {
     "StableDiffusionPipeline": TDPOStableDiffusionPipeline,
     "StableDiffusionXLPipeline": TDPOStableDiffusionXLPipeline,
+    "StableDiffusion3Pipeline": TDPOStableDiffusion3Pipeline,
 }
 
 # A distribution-level reward (`--reward digit_parity`, `diversity`, ...) is measured on the training prompts: they
@@ -136,9 +138,9 @@ class ScriptArguments:
     pretrained_model: str = field(
         default="tiny",
         metadata={
-            "help": "A diffusers Stable Diffusion (1.x/2.x) or SDXL model id or folder (the family is read from its "
-            "model_index.json); 'digits' for the shipped 16x16 digits model; 'tiny' / 'tiny-sdxl' for the embedded "
-            "tiny random SD / SDXL models."
+            "help": "A diffusers Stable Diffusion (1.x/2.x), SDXL or SD3 model id or folder (the family is read from "
+            "its model_index.json); 'digits' for the shipped 16x16 digits model; 'tiny' / 'tiny-sdxl' for the "
+            "embedded tiny random SD / SDXL models."
         },
     )
     pretrained_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})

@@ -217,18 +217,20 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
                 vae.to(torch.float16)
         return (images / 2 + 0.5).clamp(0, 1)
 
+    # conditioning key -> the denoiser's keyword argument (SDXL adds pooled embeddings and time ids)
+    conditioning_inputs = {"prompt_embeds": "encoder_hidden_states"}
+
     def denoiser_inputs(self, latents, timesteps, conditioning: dict, cfg: bool) -> dict[str, torch.Tensor]:
-        """The denoiser's batch-first keyword arguments for one step. With `cfg` `(2B, ...)`: the negative prompt's
-        conditioning (`conditioning["negative_<key>"]`), then the prompts'."""
-        if cfg:
-            return {
-                "sample": torch.cat([latents] * 2),
-                "timestep": torch.cat([timesteps] * 2),
-                "encoder_hidden_states": torch.cat(
-                    [conditioning["negative_prompt_embeds"], conditioning["prompt_embeds"]]
-                ),
-            }
-        return {"sample": latents, "timestep": timesteps, "encoder_hidden_states": conditioning["prompt_embeds"]}
+        """The denoiser's batch-first inputs for one step: `sample`, `timestep` and the conditioning, renamed by
+        `conditioning_inputs`. With `cfg` `(2B, ...)`: the negative prompt's conditioning
+        (`conditioning["negative_<key>"]`), then the prompts'."""
+        if not cfg:
+            inputs = {"sample": latents, "timestep": timesteps}
+            return {**inputs, **{name: conditioning[key] for key, name in self.conditioning_inputs.items()}}
+        inputs = {"sample": torch.cat([latents] * 2), "timestep": torch.cat([timesteps] * 2)}
+        for key, name in self.conditioning_inputs.items():
+            inputs[name] = torch.cat([conditioning[f"negative_{key}"], conditioning[key]])
+        return inputs
 
     def predict(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's prediction (noise, or v) on `denoiser_inputs`; `model` may be the prepared (DDP) one."""

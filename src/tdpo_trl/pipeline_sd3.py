@@ -75,14 +75,7 @@ class TDPOStableDiffusion3Pipeline(TDPOStableDiffusionPipeline):
     def encode_negative_prompt(self, negative_prompt: str, device) -> dict[str, torch.Tensor]:
         return self.encode_prompts([negative_prompt], device)[1]
 
-    def denoiser_inputs(self, latents, timesteps, conditioning: dict, cfg: bool) -> dict[str, torch.Tensor]:
-        keys = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"}
-        if cfg:  # (2B, ...): negative, then positive
-            inputs = {"sample": torch.cat([latents] * 2), "timestep": torch.cat([timesteps] * 2)}
-            for key, name in keys.items():
-                inputs[name] = torch.cat([conditioning[f"negative_{key}"], conditioning[key]])
-            return inputs
-        return {"sample": latents, "timestep": timesteps, **{name: conditioning[key] for key, name in keys.items()}}
+    conditioning_inputs = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"}
 
     def predict(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The transformer's velocity prediction."""

@@ -61,18 +61,11 @@ class TDPOStableDiffusionXLPipeline(TDPOStableDiffusionPipeline):
                 conditioning[key] = torch.zeros_like(conditioning[key])
         return conditioning
 
-    def denoiser_inputs(self, latents, timesteps, conditioning: dict, cfg: bool) -> dict[str, torch.Tensor]:
-        keys = {
-            "prompt_embeds": "encoder_hidden_states",
-            "pooled_prompt_embeds": "text_embeds",
-            "add_time_ids": "time_ids",
-        }
-        if cfg:  # (2B, ...): negative, then positive
-            inputs = {"sample": torch.cat([latents] * 2), "timestep": torch.cat([timesteps] * 2)}
-            for key, name in keys.items():
-                inputs[name] = torch.cat([conditioning[f"negative_{key}"], conditioning[key]])
-            return inputs
-        return {"sample": latents, "timestep": timesteps, **{name: conditioning[key] for key, name in keys.items()}}
+    conditioning_inputs = {
+        "prompt_embeds": "encoder_hidden_states",
+        "pooled_prompt_embeds": "text_embeds",
+        "add_time_ids": "time_ids",
+    }
 
     def sample_with_log_probs(self, conditioning: dict, negative_conditioning: dict, **kwargs) -> SampledTrajectories:
         """DDIM sampling through `predict` and TRL's `scheduler_step` (`sample_ddim`)."""

@@ -8,6 +8,8 @@ warm-up epoch, so peak memory is its own and the modes are compared side by side
 
     python benchmarks/throughput.py --model tiny-sd15                          # seconds, CPU
     python benchmarks/throughput.py --model sd15 --resolution 128 --steps 10 --batch_size 2 --modes ddpo tdpo-latent
+    python benchmarks/throughput.py --model sd15 --resolution 128 --steps 10 --timestep_fraction 0.2 \\
+        --modes ddpo tdpo-clip-taesd                                          # the critic embeds 2 of 10 x_t
     python benchmarks/throughput.py --model sd15 --device cuda --dtype bf16 --resolution 512 --steps 50 \\
         --batch_size 8 --batches 4 --train_batch_size 4                       # the GPU report (H100 class)
 
@@ -151,6 +153,7 @@ def measure(args, mode: str) -> dict:
         config = TDPOConfig(
             num_epochs=args.epochs + 1, sample_num_steps=args.steps, sample_batch_size=args.batch_size,
             sample_num_batches_per_epoch=args.batches, train_batch_size=args.train_batch_size,
+            train_timestep_fraction=args.timestep_fraction,
             sample_guidance_scale=args.guidance_scale, mixed_precision="no" if args.dtype == "fp32" else args.dtype,
             use_critic=mode != "ddpo", critic_encoder="latents", critic_hidden_sizes=[1024, 128, 64, 16],
             critic_encode_batch_size=args.batch_size, neuron_reset=False, logdir=workdir, run_name=mode,
@@ -203,6 +206,9 @@ def main():
     parser.add_argument("--batch_size", type=int, default=2, help="samples per sampling batch")
     parser.add_argument("--batches", type=int, default=1, help="sampling batches per epoch")
     parser.add_argument("--train_batch_size", type=int, default=2)
+    parser.add_argument(
+        "--timestep_fraction", type=float, default=1.0, help="train_timestep_fraction (< 1: fewer x_t embedded)"
+    )
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="> 1: classifier-free guidance (2 passes)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -228,7 +234,8 @@ def main():
     samples = args.batch_size * args.batches
     print(
         f"{args.model} (random weights), LoRA r=4, {args.resolution or 'native'} px, {args.steps} DDIM steps, "
-        f"CFG {args.guidance_scale}, {samples} samples/epoch, {args.dtype} on {args.device}, "
+        f"CFG {args.guidance_scale}, {samples} samples/epoch, {args.timestep_fraction:g} of the steps trained, "
+        f"{args.dtype} on {args.device}, "
         f"{args.threads} thread(s), median of {args.epochs} epochs; torch {torch.__version__}"
     )
     base = results[args.modes[0]]

@@ -132,3 +132,45 @@ def test_critic_decoder_decodes_x_t_for_the_critic_instead_of_the_vae(tmp_path, 
     assert taesd_features.shape == vae_features.shape and not torch.allclose(taesd_features, vae_features)
     with pytest.raises(ValueError, match="critic_decoder"):
         tiny_config(tmp_path, critic_decoder=str(tmp_path / "missing-taesd"))
+
+
+def test_the_critic_embeds_only_the_steps_that_will_be_trained(tmp_path):
+    from collections import defaultdict
+
+    from conftest import tiny_config
+
+    from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
+    from tdpo_trl.tiny_models import left_minus_right_brightness
+
+    def collect(**overrides):
+        config = tiny_config(tmp_path, gamma=0.9, **overrides)  # 4 steps; gamma < 1 tells the steps' returns apart
+        trainer = TDPOTrainer(config, left_minus_right_brightness, lambda: ("a cat", {}),
+                              TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True))  # fmt: skip
+        encoded = []
+        encode = trainer.critic.encode
+        trainer.critic.encode = lambda latents, *a, **k: encoded.append(len(latents)) or encode(latents, *a, **k)
+        samples, _ = trainer._collect(0, 0, 0, defaultdict(float))
+        return trainer, samples, sum(encoded)
+
+    _, full, full_rows = collect()
+    assert full_rows == 8 * 4 and full["returns"].shape == (8, 4)  # every x_t of 8 samples x 4 steps
+    trainer, half, half_rows = collect(train_timestep_fraction=0.5, run_name="half")
+    assert half_rows == 8 * 2, "only the 2 trained steps of each sample are embedded"
+    for key in ("timesteps", "latents", "next_latents", "log_probs", "advantages", "returns", "values"):
+        assert half[key].shape[:2] == (8, 2), key
+    assert "trained_steps" not in half
+    # each kept step carries its own return: G_t = gamma^(T-1-t) * r, t found from the step's timestep
+    schedule = trainer.sd_pipeline.scheduler.timesteps.tolist()
+    step_index = torch.tensor([[schedule.index(t) for t in row] for row in half["timesteps"].tolist()])
+    final = half["returns"][torch.arange(8), step_index.argmax(dim=1)] / 0.9 ** (3 - step_index.max(dim=1).values)
+    torch.testing.assert_close(half["returns"], final[:, None] * 0.9 ** (3 - step_index).float())
+    assert torch.isfinite(half["advantages"]).all()
+    # and the kept latents are the ones sampled at those steps: recomputed log-probs equal the recorded ones
+    conditioning = trainer._conditioning(half)
+    with torch.no_grad():
+        for j in range(2):
+            _, approx_kl, _, _ = trainer.calculate_loss(
+                half["latents"][:, j], half["timesteps"][:, j], half["next_latents"][:, j], half["log_probs"][:, j],
+                torch.ones(8), conditioning,
+            )  # fmt: skip
+            assert approx_kl.item() == 0.0

@@ -100,7 +100,7 @@ def test_recomputed_log_probs_equal_the_sampled_ones(tmp_path, family, use_criti
 
 
 def test_sdxl_learns_a_learnable_reward(tmp_path):
-    """(The tiny SD3 does not learn this reward in the settings tried; docs/model_families.md lists them.)"""
+    """(The tiny SD3 learns this reward only slowly and not on every seed: docs/model_families.md.)"""
     # 32 samples an epoch without guidance (half the denoiser passes); the tiny SDXL UNet needs a larger step than SD's
     settings = {**TINY_TRAINING_DEFAULTS, "sample_num_batches_per_epoch": 2, "train_learning_rate": 5e-3}
     config = tiny_config(tmp_path, num_epochs=8, sample_guidance_scale=1.0, **settings)

@@ -34,6 +34,8 @@ MODES = {
         critic_dropout=[0.2, 0.0],
     ),
     "ddpo": dict(use_critic=False),
+    # half the steps trained: the critic embeds only those, chosen at sampling time from the same RNG
+    "tdpo-half-steps": dict(train_timestep_fraction=0.5, neuron_reset_frequency=1),
 }
 
 

@@ -499,10 +499,16 @@ class TDPOTrainer(DDPOTrainer):
         head.eval()
         for sample in samples:
             latents = sample["latents"]  # (B, T, C, h, w): x_t before each denoising step
-            batch, steps = latents.shape[:2]
+            if self._encode_trained_steps_only:
+                # draw now which steps will be trained (as `_shuffle_and_batch` would) and embed only those
+                batch, steps = latents.shape[:2]
+                step_perms = torch.stack([torch.randperm(steps, device=latents.device) for _ in range(batch)])
+                sample["trained_steps"] = step_perms[:, : self.num_train_timesteps]  # (B, k)
+                latents = latents[torch.arange(batch, device=latents.device)[:, None], sample["trained_steps"]]
+            batch, steps = latents.shape[:2]  # steps: T, or k trained steps
             features = self.critic.encode(
                 latents.flatten(0, 1), self.critic_decoder, batch_size=self.config.critic_encode_batch_size
-            )  # (B*T, D)
+            )  # (B*steps, D)
             sample["critic_features"] = features.view(batch, steps, -1)
             task_index = torch.full((batch, steps), self._task_index, device=features.device)
             with torch.no_grad():
@@ -593,7 +599,10 @@ class TDPOTrainer(DDPOTrainer):
             # DDPO: one advantage for every step, or the penalized return of each step
             advantages = rewards[:, None].expand(-1, num_steps) if step_rewards is None else returns
         else:
-            values = self.accelerator.gather(samples["values"])  # (N_all, T), recorded at sampling time
+            values = self.accelerator.gather(samples["values"])  # (N_all, T) or (N_all, k), from sampling time
+            if "trained_steps" in samples:  # only the k steps to be trained were embedded: keep just those steps
+                returns = returns.gather(1, self.accelerator.gather(samples["trained_steps"]))  # (N_all, k)
+                self._keep_trained_steps(samples)
             advantages = temporal_advantages(returns, values, normalized=self.config.normalize_temporal_advantages)
             samples["returns"] = self._local_rows(returns)
             stats["critic/value_mean"] = values.mean().item()
@@ -606,6 +615,22 @@ class TDPOTrainer(DDPOTrainer):
         stats["advantage/mean"] = advantages.mean().item()
         stats["advantage/std"] = advantages.std(unbiased=False).item()
         return stats
+
+    @property
+    def _encode_trained_steps_only(self) -> bool:
+        """With `train_timestep_fraction < 1` and one inner epoch, the critic embeds only the x_t that will be
+        trained (the paper's 5 of 50 steps: a tenth of the encoder passes); more inner epochs train other steps."""
+        config = self.config
+        return config.train_timestep_fraction < 1 and config.train_num_inner_epochs == 1
+
+    @staticmethod
+    def _keep_trained_steps(samples: dict):
+        """Reduce the per-step entries `(n, T, ...)` to the steps chosen at sampling time, `(n, k, ...)`, in the
+        order drawn there (`_shuffle_and_batch` trains the first k positions of its own permutation: all of them)."""
+        trained_steps = samples.pop("trained_steps")  # (n, k)
+        rows = torch.arange(len(trained_steps), device=trained_steps.device)[:, None]
+        for key in ("timesteps", "latents", "next_latents", "log_probs"):
+            samples[key] = samples[key][rows, trained_steps]
 
     def _reward_component_stats(self, rewards_metadata: list) -> dict[str, float]:
         """`reward/<name>/mean|std` for rewards that report components (e.g. `tdpo_trl.rewards.WeightedSum`)."""

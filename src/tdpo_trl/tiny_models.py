@@ -173,9 +173,10 @@ def tiny_stable_diffusion_xl(seed: int = 0) -> StableDiffusionXLPipeline:
 
 
 def tiny_stable_diffusion_3(seed: int = 0):
-    """A seeded SD3-shaped pipeline (sizes of diffusers' SD3 `get_dummy_components`, at 8x8 latents): a one-layer
-    `SD3Transformer2DModel`, two CLIP text encoders with 32-d projections, no T5 (its conditioning is zeros), a VAE
-    with SD3's latent shift and scale, and the flow-matching Euler scheduler."""
+    """A seeded SD3-shaped pipeline (sizes of diffusers' SD3 `get_dummy_components` at 8x8 latents, but two
+    transformer layers: one barely responds to a reward, docs/model_families.md): an `SD3Transformer2DModel`, two
+    CLIP text encoders with 32-d projections, no T5 (its conditioning is zeros), a VAE with SD3's latent shift and
+    scale, and the flow-matching Euler scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
@@ -184,7 +185,7 @@ def tiny_stable_diffusion_3(seed: int = 0):
         patch_size=1,
         in_channels=4,
         out_channels=4,
-        num_layers=1,
+        num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,

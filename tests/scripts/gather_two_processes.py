@@ -66,6 +66,10 @@ def main(out_dir: str):
         results[f"{name}_group_score"] = metadata[0]["group_score"]
     with open(os.path.join(out_dir, f"gather_{processes}procs_rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    # as `train()` does: without it the process group is torn down at interpreter exit, which sometimes aborts
+    # ("terminate called without an active exception")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ _PER_STEP_KEYS = (
 )
 
 
+def _step_permutations(num_samples: int, num_steps: int, device) -> torch.Tensor:
+    """An independent random order of the denoising steps for each sample, `(N, T)`, from the global RNG."""
+    return torch.stack([torch.randperm(num_steps, device=device) for _ in range(num_samples)])
+
+
 def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
@@ -502,7 +507,7 @@ class TDPOTrainer(DDPOTrainer):
             if self._encode_trained_steps_only:
                 # draw now which steps will be trained (as `_shuffle_and_batch` would) and embed only those
                 batch, steps = latents.shape[:2]
-                step_perms = torch.stack([torch.randperm(steps, device=latents.device) for _ in range(batch)])
+                step_perms = _step_permutations(batch, steps, latents.device)  # (B, T)
                 sample["trained_steps"] = step_perms[:, : self.num_train_timesteps]  # (B, k)
                 latents = latents[torch.arange(batch, device=latents.device)[:, None], sample["trained_steps"]]
             batch, steps = latents.shape[:2]  # steps: T, or k trained steps
@@ -878,7 +883,7 @@ class TDPOTrainer(DDPOTrainer):
         num_samples, num_steps = samples["timesteps"].shape
         perm = torch.randperm(num_samples, device=device)
         samples = {k: v[perm] for k, v in samples.items()}
-        step_perms = torch.stack([torch.randperm(num_steps, device=device) for _ in range(num_samples)])  # (N, T)
+        step_perms = _step_permutations(num_samples, num_steps, device)  # (N, T)
         rows = torch.arange(num_samples, device=device)[:, None]
         for key in _PER_STEP_KEYS:
             if key in samples:

@@ -100,7 +100,6 @@ def test_recomputed_log_probs_equal_the_sampled_ones(tmp_path, family, use_criti
 
 
 def test_sdxl_learns_a_learnable_reward(tmp_path):
-    """(The tiny SD3 learns this reward only slowly and not on every seed: docs/model_families.md.)"""
     # 32 samples an epoch without guidance (half the denoiser passes); the tiny SDXL UNet needs a larger step than SD's
     settings = {**TINY_TRAINING_DEFAULTS, "sample_num_batches_per_epoch": 2, "train_learning_rate": 5e-3}
     config = tiny_config(tmp_path, num_epochs=8, sample_guidance_scale=1.0, **settings)
@@ -112,6 +111,47 @@ def test_sdxl_learns_a_learnable_reward(tmp_path):
     last = sum(means[-2:]) / 2
     print(f"reward mean per epoch {[round(m, 4) for m in means]}, first-epoch spread {spread:.4f}")
     assert last - first > spread, f"reward mean {first:.4f} -> {last:.4f} did not rise by one spread ({spread:.4f})"
+
+
+@pytest.mark.parametrize(
+    "settings, min_rise",
+    [
+        # seeds 0-4 rose 1.17-1.75 spreads (TDPO-R, LoRA), 0.78-1.84 (DDPO, full transformer): docs/model_families.md
+        ({"use_critic": True, "train_learning_rate": 3e-2}, 1.0),
+        ({"use_critic": False, "train_learning_rate": 1e-2, "use_lora": False}, 0.5),
+    ],
+    ids=["tdpo-lora", "ddpo-full"],
+)
+def test_sd3_learns_a_learnable_reward(tmp_path, settings, min_rise):
+    settings = {**TINY_TRAINING_DEFAULTS, "sample_num_batches_per_epoch": 2, "sample_eta": 0.7, **settings}
+    use_lora = settings.pop("use_lora", True)
+    config = tiny_config(tmp_path, num_epochs=40, sample_guidance_scale=1.0, **settings)
+    trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("sd3", use_lora=use_lora))
+    assert trainer.num_train_timesteps == 3  # the last, nearly deterministic SDE step is not trained
+    trainer.train()
+    means = [record["reward/mean"] for record in trainer.log_history]
+    first, spread = means[0], trainer.log_history[0]["reward/std"]
+    rise = (sum(means[-2:]) / 2 - first) / spread
+    print(f"reward mean every 4th epoch {[round(m, 4) for m in means[::4]]}, first-epoch spread {spread:.4f}")
+    assert rise > min_rise, f"reward mean rose {rise:.2f} first-epoch spreads, expected > {min_rise}"
+
+
+def test_the_final_step_is_left_out_where_the_family_or_the_config_says(tmp_path):
+    sd3 = TDPOTrainer(tiny_config(tmp_path), left_minus_right_brightness, cat_prompt, wrapped("sd3"))
+    assert (sd3.train_final_step, sd3.num_train_timesteps) == (False, 3)
+    samples, _ = sd3._generate_samples(2, 4)  # one inner epoch: the critic embeds only the steps it will train
+    assert all(s["trained_steps"].shape == (4, 3) and (s["trained_steps"] != 3).all() for s in samples)
+    config = tiny_config(tmp_path, train_final_step=True, use_critic=False)
+    assert TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("sd3")).num_train_timesteps == 4
+    config = tiny_config(tmp_path, train_final_step=False, train_timestep_fraction=0.5, use_critic=False)
+    sdxl = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("sdxl"))
+    assert sdxl.num_train_timesteps == 1  # int(3 * 0.5)
+    samples = sdxl._generate_samples(1, 4)[0][0]
+    batches = sdxl._shuffle_and_batch({k: samples[k] for k in ("timesteps", "latents", "log_probs")})
+    final = sdxl.sd_pipeline.scheduler.timesteps[-1]
+    assert all((batch["timesteps"][:, 0] != final).all() for batch in batches)
+    with pytest.raises(ValueError, match=r"`sample_num_steps` - 1 \(the final step untrained\)"):
+        tiny_config(tmp_path, sample_num_steps=1, train_final_step=False)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -184,3 +224,44 @@ def test_tdpo_trl_train_runs_the_tiny_sdxl(tmp_path):
 
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "saved" / "unet")  # the tiny defaults train the full UNet
     assert unet.config.addition_embed_type == "text_time"
+
+
+def test_sd3_full_transformer_saves_resumes_and_evaluates(tmp_path):
+    """Without LoRA the whole transformer goes under `transformer/`: save_pretrained, checkpoints and resume,
+    `evaluate_checkpoints` and the model card's usage all read it there."""
+    from diffusers import SD3Transformer2DModel
+    from huggingface_hub import ModelCard
+
+    from tdpo_trl.evaluation import evaluate_checkpoints
+
+    def train(run_name, epochs, resume=False):
+        config = tiny_config(
+            tmp_path, run_name=run_name, num_epochs=epochs, save_freq=1, use_critic=False, train_learning_rate=1e-2,
+            resume_from=str(tmp_path / "logs" / run_name) if resume else "",
+        )  # fmt: skip
+        trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("sd3", use_lora=False))
+        trainer.train()
+        return trainer
+
+    straight = train("straight", 2)
+    train("interrupted", 1)
+    resumed = train("interrupted", 2, resume=True)
+    a, b = lora_state(straight), lora_state(resumed)
+    assert len(a) > 10 and all(torch.equal(a[n], b[n]) for n in a)  # every transformer weight, bit-exact
+
+    straight.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
+    loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "out", subfolder="transformer")
+    assert all(torch.equal(loaded.state_dict()[n], v) for n, v in a.items())
+    card = ModelCard.load(tmp_path / "out" / "README.md").text
+    assert "SD3Transformer2DModel.from_pretrained(" in card and "transformer=transformer" in card
+
+    base = tiny_stable_diffusion_3()
+    results = evaluate_checkpoints(
+        base, {"run": str(tmp_path / "out")}, left_minus_right_brightness, {}, ["a photo of a cat"] * 2,
+        num_inference_steps=4, guidance_scale=1.0,
+    )  # fmt: skip
+    assert [r["checkpoint"] for r in results["run"]] == ["base", "out"]
+    assert results["run"][0]["target"] != results["run"][1]["target"]  # the trained transformer was used
+    fresh = tiny_stable_diffusion_3().transformer.state_dict()  # evaluation put the base transformer back
+    assert all(torch.equal(v, fresh[n]) for n, v in base.transformer.state_dict().items())

@@ -84,21 +84,32 @@ def checkpoints_of(path: str) -> list[str]:
         found = list_checkpoints(folder)
         if found:
             return found
-    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)) or os.path.isdir(os.path.join(path, "unet")):
+    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)) or any(
+        os.path.isdir(os.path.join(path, name)) for name in DENOISER_NAMES
+    ):
         return [path]
-    raise ValueError(f"{path!r} holds no checkpoint_<i> folder, no {LORA_WEIGHT_NAME} and no unet/ folder")
+    raise ValueError(
+        f"{path!r} holds no checkpoint_<i> folder, no {LORA_WEIGHT_NAME} and no {' or '.join(DENOISER_NAMES)} folder"
+    )
 
 
-def _load_into(pipeline, checkpoint: str, base_unet):
-    """Put a checkpoint's weights into `pipeline`: its LoRA, or its full UNet."""
+DENOISER_NAMES = ("unet", "transformer")  # where a diffusers pipeline (and a full-denoiser checkpoint) keeps it
+
+
+def denoiser_name(pipeline) -> str:
+    """`"transformer"` for SD3-like pipelines, else `"unet"`."""
+    return "transformer" if getattr(pipeline, "transformer", None) is not None else "unet"
+
+
+def _load_into(pipeline, checkpoint: str, base_denoiser):
+    """Put a checkpoint's weights into `pipeline`: its LoRA, or its full denoiser."""
+    name = denoiser_name(pipeline)
+    setattr(pipeline, name, base_denoiser)
     if os.path.isfile(os.path.join(checkpoint, LORA_WEIGHT_NAME)):
-        pipeline.unet = base_unet
         pipeline.load_lora_weights(checkpoint, weight_name=LORA_WEIGHT_NAME)
     else:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
-        pipeline.unet = unet.to(device=pipeline.device, dtype=base_unet.dtype)
+        denoiser = type(base_denoiser).from_pretrained(checkpoint, subfolder=name)
+        setattr(pipeline, name, denoiser.to(device=pipeline.device, dtype=base_denoiser.dtype))
 
 
 def evaluate_checkpoints(
@@ -118,7 +129,8 @@ def evaluate_checkpoints(
     """Score every checkpoint of every run on the same seeded prompts: `{run: [{"checkpoint", "target", name: mean,
     ...}, ...]}`. With `output_dir`, also writes `cross_reward.json` and an image grid per checkpoint in `grids/`."""
     rewards = {"target": target_reward, **eval_rewards}
-    base_unet = pipeline.unet
+    attr = denoiser_name(pipeline)
+    base_denoiser = getattr(pipeline, attr)
     pipeline.set_progress_bar_config(disable=True)
     results: dict[str, list[dict]] = {}
     for run, path in runs.items():
@@ -126,14 +138,14 @@ def evaluate_checkpoints(
         results[run] = []
         for checkpoint in tqdm(checkpoints, desc=f"evaluate {run}", unit="checkpoint"):
             if checkpoint == "base":
-                pipeline.unet = base_unet
+                setattr(pipeline, attr, base_denoiser)
             else:
-                _load_into(pipeline, checkpoint, base_unet)
+                _load_into(pipeline, checkpoint, base_denoiser)
             images = sample_images(
                 pipeline, prompts, seed=seed, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, eta=eta,
             )  # fmt: skip
-            if checkpoint != "base" and getattr(pipeline.unet, "peft_config", None):
+            if checkpoint != "base" and getattr(getattr(pipeline, attr), "peft_config", None):
                 pipeline.unload_lora_weights()
             scores = score_images(rewards, images, prompts)
             name = os.path.basename(os.path.normpath(checkpoint))
@@ -142,7 +154,7 @@ def evaluate_checkpoints(
             results[run].append(record)
             if output_dir:
                 save_image_grid(images, os.path.join(output_dir, "grids", f"{run}_{name}.png"))
-    pipeline.unet = base_unet
+    setattr(pipeline, attr, base_denoiser)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "cross_reward.json"), "w") as f:

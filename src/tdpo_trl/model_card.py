@@ -83,6 +83,7 @@ HYPERPARAMETERS = (
     "train_clip_range",
     "train_num_inner_epochs",
     "train_timestep_fraction",
+    "train_final_step",
     "critic_encoder",
     "critic_learning_rate",
     "gamma",
@@ -121,9 +122,11 @@ def create_model_card(
     note: Optional[str] = None,
     version: str = "",
     pipeline_class: str = "StableDiffusionPipeline",
+    denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel"),
 ) -> ModelCard:
     """A diffusers text-to-image card: metadata, a usage snippet, the reward, key hyperparameters, final metrics and
-    citations of TDPO-R and DDPO. `pipeline_class`: the diffusers pipeline the usage snippet loads the base with."""
+    citations of TDPO-R and DDPO. `pipeline_class`: the diffusers pipeline the usage snippet loads the base with;
+    `denoiser`: the trained network's (subfolder, diffusers class) for a full fine-tune."""
     algorithm = "TDPO-R (temporal critic, active-neuron reset)" if config.use_critic else "DDPO"
     if config.use_critic and not config.neuron_reset:
         algorithm = "TDPO (temporal critic, no neuron reset)"
@@ -150,16 +153,18 @@ def create_model_card(
         )
     else:
         usage = (
-            f"import torch\nfrom diffusers import {pipeline_class}, UNet2DConditionModel\n\n"
-            f'unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet", torch_dtype=torch.float16)\n'
-            f'pipe = {pipeline_class}.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16)\n'
+            f"import torch\nfrom diffusers import {pipeline_class}, {denoiser[1]}\n\n"
+            f'{denoiser[0]} = {denoiser[1]}.from_pretrained("{repo}", subfolder="{denoiser[0]}", '
+            "torch_dtype=torch.float16)\n"
+            f'pipe = {pipeline_class}.from_pretrained("{base}", {denoiser[0]}={denoiser[0]}, '
+            "torch_dtype=torch.float16)\n"
             'image = pipe.to("cuda")("a photo of a cat").images[0]'
         )
-        trained = "the whole UNet (`unet/`)"
+        trained = f"the whole {'UNet' if denoiser[0] == 'unet' else 'transformer'} (`{denoiser[0]}/`)"
     title = f"{repo_id.split('/')[-1]}" if repo_id else f"{algorithm.split(' ')[0]} fine-tune of {base}"
     description = (
-        f"A {'LoRA adapter for' if use_lora else 'fine-tuned UNet of'} `{base}`, trained by reinforcement learning "
-        f"with {algorithm} to maximize the reward {', '.join(f'`{r}`' for r in reward_names)}."
+        f"A {'LoRA adapter for' if use_lora else 'fine-tuned ' + denoiser[0] + ' of'} `{base}`, trained by "
+        f"reinforcement learning with {algorithm} to maximize the reward {', '.join(f'`{r}`' for r in reward_names)}."
     )
     hyperparameters = [(name, _format(getattr(config, name))) for name in HYPERPARAMETERS if hasattr(config, name)]
     final_metrics, start_metrics = final_metrics or {}, start_metrics or {}

@@ -1,6 +1,7 @@
 """`TDPOStableDiffusionPipeline`: TRL's default DDPO pipeline, constructible before any Accelerator exists."""
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -61,6 +62,7 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
     """
 
     pipeline_class = StableDiffusionPipeline  # the diffusers pipeline this wrapper trains
+    trains_final_step = True  # `TDPOConfig.train_final_step=None` trains the last denoising step
 
     def __init__(
         self,
@@ -290,12 +292,14 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
 
     def save_checkpoint(self, models, weights, output_dir):
         """The LoRA in diffusers format, with its config (rank, alpha, targets) in the safetensors metadata so that
-        `load_lora_weights` restores the same scaling; the whole UNet under `unet/` without LoRA."""
-        if not self.use_lora:
-            return super().save_checkpoint(models, weights, output_dir)
+        `load_lora_weights` restores the same scaling; without LoRA the whole denoiser under `unet/` (`transformer/`
+        for SD3), as diffusers lays out a pipeline folder."""
         if len(models) != 1:
             raise ValueError(f"expected the {self.denoiser_name} alone, got {len(models)} models")
         denoiser, name = models[0], self.denoiser_name
+        if not self.use_lora:
+            denoiser.save_pretrained(os.path.join(output_dir, name))
+            return
         state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name="default"))
         self.sd_pipeline.save_lora_weights(
             save_directory=output_dir,
@@ -307,11 +311,13 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         )
 
     def load_checkpoint(self, models, input_dir):
-        """Load a checkpoint's LoRA weights into the adapter being trained (`default`)."""
-        if not self.use_lora:
-            return super().load_checkpoint(models, input_dir)
+        """Load a checkpoint's LoRA weights into the adapter being trained (`default`), or its whole denoiser."""
         if len(models) != 1:
             raise ValueError(f"expected the {self.denoiser_name} alone, got {len(models)} models")
+        if not self.use_lora:
+            loaded = type(models[0]).from_pretrained(input_dir, subfolder=self.denoiser_name)
+            models[0].load_state_dict(loaded.state_dict())
+            return
         loaded = self.sd_pipeline.lora_state_dict(input_dir, weight_name=LORA_WEIGHT_NAME)
         state_dict = loaded[0] if isinstance(loaded, tuple) else loaded  # SD/SDXL: (state_dict, alphas); SD3: dict
         prefix = f"{self.denoiser_name}."

@@ -2,7 +2,7 @@
 
 A saved folder holds:
 - `pytorch_lora_weights.safetensors`: the policy's LoRA in diffusers format (`pipe.load_lora_weights(folder)`), or
-  `unet/` (a diffusers `UNet2DConditionModel`) when the whole UNet was trained;
+  `unet/` (`transformer/` for SD3: the diffusers model) when the whole denoiser was trained;
 - `critic_head.safetensors` and `critic_config.json`: the critic's trained head (`load_critic_head`);
 - `tdpo_config.json`: the training configuration;
 - `README.md`: the model card.
@@ -75,20 +75,21 @@ def load_critic_head(directory: str) -> tuple[ValueHead, str]:
 
 
 def save_policy(sd_pipeline, unet: torch.nn.Module, save_directory: str) -> str:
-    """The LoRA in diffusers format (or `unet/` for full-UNet training), through the pipeline's checkpoint writer
-    (`get_peft_model_state_dict` -> `convert_state_dict_to_diffusers` -> `save_lora_weights`). Returns the path."""
+    """The LoRA in diffusers format (or `unet/` / `transformer/` for full-denoiser training), through the pipeline's
+    checkpoint writer (`get_peft_model_state_dict` -> `convert_state_dict_to_diffusers` -> `save_lora_weights`).
+    Returns the path."""
     sd_pipeline.save_checkpoint([unet], None, save_directory)
-    return os.path.join(save_directory, LORA_WEIGHT_NAME if sd_pipeline.use_lora else "unet")
+    return os.path.join(save_directory, LORA_WEIGHT_NAME if sd_pipeline.use_lora else sd_pipeline.denoiser_name)
 
 
 def save_merged_pipeline(sd_pipeline, unet: torch.nn.Module, save_directory: str) -> str:
-    """A full `StableDiffusionPipeline` with the LoRA fused into a copy of the UNet; the training UNet is untouched."""
+    """A full diffusers pipeline with the LoRA fused into a copy of the denoiser; the training one is untouched."""
     pipeline = sd_pipeline.sd_pipeline
     merged_unet = copy.deepcopy(unet)
     if sd_pipeline.use_lora:
         merged_unet.fuse_lora()
         merged_unet.unload_lora()  # plain diffusers modules, loadable as a base model
-    components = {**pipeline.components, "unet": merged_unet}
+    components = {**pipeline.components, sd_pipeline.denoiser_name: merged_unet}
     path = os.path.join(save_directory, MERGED_PIPELINE_DIR)
     type(pipeline)(**components).save_pretrained(path)
     return path

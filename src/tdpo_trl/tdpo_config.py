@@ -76,6 +76,13 @@ class TDPOConfig(DDPOConfig):
             Clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`. `None` means DDPO's 5.0 when
             `use_critic=False` and no clipping when `use_critic=True` (as the TDPO-R paper).
 
+        > Parameters that control which denoising steps are trained
+
+        train_final_step (`bool` or `None`, *optional*, defaults to `None`):
+            Train on the last denoising step. `None` is the pipeline family's choice: `True` for SD 1.x / SDXL (as
+            TRL), `False` for SD3, whose last SDE step is nearly deterministic (as Flow-GRPO and DanceGRPO).
+            `train_timestep_fraction` then draws from the other steps.
+
         > Parameters that control the policy's LoRA adapter
 
         use_lora (`bool` or `None`, *optional*, defaults to `None`):
@@ -252,6 +259,16 @@ class TDPOConfig(DDPOConfig):
         metadata={
             "help": "Clip advantages to [-x, x]. None: 5.0 in DDPO mode (use_critic=False), no clipping in TDPO mode "
             "(as the paper)."
+        },
+    )
+    train_final_step: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Train on the last denoising step. None: the pipeline family's default: True for SD 1.x / SDXL "
+            "(DDIM, as TRL), False for SD3, whose last SDE step (sigma 0.009 -> 0, eta 0.7: std ~0.006, 10-100x below "
+            "the other steps') is nearly deterministic (as Flow-GRPO's timestep_fraction 0.99 and DanceGRPO's "
+            "ignore_last). "
+            "`train_timestep_fraction` then draws from the other steps."
         },
     )
 
@@ -508,11 +525,7 @@ class TDPOConfig(DDPOConfig):
             )
         if not 0.0 < self.train_timestep_fraction <= 1.0:
             raise ValueError(f"`train_timestep_fraction` must be in (0, 1], got {self.train_timestep_fraction}")
-        if int(self.sample_num_steps * self.train_timestep_fraction) < 1:
-            raise ValueError(
-                f"`sample_num_steps` * `train_timestep_fraction` = {self.sample_num_steps} * "
-                f"{self.train_timestep_fraction} trains on no timestep; raise one of them"
-            )
+        self.check_num_train_timesteps(self.train_final_step is not False)  # None: the trainer checks the family's
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"`gamma` must be in [0, 1], got {self.gamma}")
         if self.sample_batch_size % self.train_batch_size != 0:
@@ -599,7 +612,18 @@ class TDPOConfig(DDPOConfig):
             init_lora_weights="gaussian" if self.lora_init == "gaussian" else True,
         )
 
-    @property
-    def num_train_timesteps(self) -> int:
+    def num_trainable_steps(self, train_final_step: bool = True) -> int:
+        """Denoising steps per trajectory that may be trained on: all, or all but the final one."""
+        return self.sample_num_steps - (0 if train_final_step else 1)
+
+    def num_train_timesteps(self, train_final_step: bool = True) -> int:
         """Number of denoising steps per trajectory that are trained on."""
-        return int(self.sample_num_steps * self.train_timestep_fraction)
+        return int(self.num_trainable_steps(train_final_step) * self.train_timestep_fraction)
+
+    def check_num_train_timesteps(self, train_final_step: bool):
+        if self.num_train_timesteps(train_final_step) < 1:
+            trainable = "`sample_num_steps`" + ("" if train_final_step else " - 1 (the final step untrained)")
+            raise ValueError(
+                f"{trainable} * `train_timestep_fraction` = {self.num_trainable_steps(train_final_step)} * "
+                f"{self.train_timestep_fraction} trains on no timestep; raise one of them"
+            )

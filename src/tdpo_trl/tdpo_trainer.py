@@ -88,9 +88,12 @@ _PER_STEP_KEYS = (
 )
 
 
-def _step_permutations(num_samples: int, num_steps: int, device) -> torch.Tensor:
-    """An independent random order of the denoising steps for each sample, `(N, T)`, from the global RNG."""
-    return torch.stack([torch.randperm(num_steps, device=device) for _ in range(num_samples)])
+def _step_permutations(num_samples: int, num_steps: int, device, num_trainable: Optional[int] = None) -> torch.Tensor:
+    """An independent random order of the denoising steps for each sample, `(N, T)`, from the global RNG. With
+    `num_trainable < T` only the first `num_trainable` steps are shuffled; the others stay last, in order."""
+    num_trainable = num_steps if num_trainable is None else num_trainable
+    rest = torch.arange(num_trainable, num_steps, device=device)
+    return torch.stack([torch.cat([torch.randperm(num_trainable, device=device), rest]) for _ in range(num_samples)])
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -199,7 +202,12 @@ class TDPOTrainer(DDPOTrainer):
             )
         self.sd_pipeline = sd_pipeline
         self.image_samples_callback = image_samples_hook
-        self.num_train_timesteps = config.num_train_timesteps
+        self.train_final_step = (
+            config.train_final_step if config.train_final_step is not None else sd_pipeline.trains_final_step
+        )
+        config.check_num_train_timesteps(self.train_final_step)
+        self.num_trainable_steps = config.num_trainable_steps(self.train_final_step)
+        self.num_train_timesteps = config.num_train_timesteps(self.train_final_step)
         self.progress = TrainingProgress()
         self.should_stop = False  # a callback (e.g. OverOptimizationGuard) sets it to end `train` after this epoch
         self.log_history: list[dict[str, float]] = self.progress.log_history  # one record per epoch, checkpointed
@@ -507,7 +515,7 @@ class TDPOTrainer(DDPOTrainer):
             if self._encode_trained_steps_only:
                 # draw now which steps will be trained (as `_shuffle_and_batch` would) and embed only those
                 batch, steps = latents.shape[:2]
-                step_perms = _step_permutations(batch, steps, latents.device)  # (B, T)
+                step_perms = _step_permutations(batch, steps, latents.device, self.num_trainable_steps)  # (B, T)
                 sample["trained_steps"] = step_perms[:, : self.num_train_timesteps]  # (B, k)
                 latents = latents[torch.arange(batch, device=latents.device)[:, None], sample["trained_steps"]]
             batch, steps = latents.shape[:2]  # steps: T, or k trained steps
@@ -623,10 +631,10 @@ class TDPOTrainer(DDPOTrainer):
 
     @property
     def _encode_trained_steps_only(self) -> bool:
-        """With `train_timestep_fraction < 1` and one inner epoch, the critic embeds only the x_t that will be
-        trained (the paper's 5 of 50 steps: a tenth of the encoder passes); more inner epochs train other steps."""
-        config = self.config
-        return config.train_timestep_fraction < 1 and config.train_num_inner_epochs == 1
+        """With fewer steps trained than sampled (`train_timestep_fraction < 1` or the final step untrained) and one
+        inner epoch, the critic embeds only the x_t that will be trained (the paper's 5 of 50 steps: a tenth of the
+        encoder passes); more inner epochs train other steps."""
+        return self.num_train_timesteps < self.config.sample_num_steps and self.config.train_num_inner_epochs == 1
 
     @staticmethod
     def _keep_trained_steps(samples: dict):
@@ -883,7 +891,9 @@ class TDPOTrainer(DDPOTrainer):
         num_samples, num_steps = samples["timesteps"].shape
         perm = torch.randperm(num_samples, device=device)
         samples = {k: v[perm] for k, v in samples.items()}
-        step_perms = _step_permutations(num_samples, num_steps, device)  # (N, T)
+        # (entries already reduced to the trained steps by `_keep_trained_steps` are all trainable)
+        num_trainable = min(num_steps, self.num_trainable_steps)
+        step_perms = _step_permutations(num_samples, num_steps, device, num_trainable)  # (N, T)
         rows = torch.arange(num_samples, device=device)[:, None]
         for key in _PER_STEP_KEYS:
             if key in samples:
@@ -1080,6 +1090,7 @@ class TDPOTrainer(DDPOTrainer):
             note=guard.explanation() if guard else None,
             version=__version__,
             pipeline_class=type(self.sd_pipeline.sd_pipeline).__name__,
+            denoiser=(self.sd_pipeline.denoiser_name, type(unet).__name__),
         )
 
     def save_pretrained(

@@ -4,10 +4,11 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import cat_prompt, tiny_config
 from transformers import CLIPVisionModelWithProjection
 
 import tdpo_trl.rewards as rewards
-from tdpo_trl import ValueHead
+from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, ValueHead
 from tdpo_trl.rewards import (
     AestheticScore,
     CLIPScore,
@@ -17,7 +18,7 @@ from tdpo_trl.rewards import (
     jpeg_compressibility,
     jpeg_incompressibility,
 )
-from tdpo_trl.tiny_models import mean_brightness, tiny_clip_model, tiny_clip_vision_model
+from tdpo_trl.tiny_models import mean_brightness, tiny_clip_model, tiny_clip_vision_model, tiny_stable_diffusion
 
 
 def random_images(n=5, size=24, seed=0):
@@ -308,3 +309,40 @@ def test_hpsv2_on_a_tiny_open_clip_model(tmp_path, monkeypatch):
         text = torch.nn.functional.normalize(trained.encode_text(open_clip.get_tokenizer("TinyHPS")(prompts)), dim=-1)
     torch.testing.assert_close(scores, (image * text).sum(-1), rtol=1e-5, atol=1e-6)
     assert scores[0] != scores[2], "the prompt must matter"
+
+
+def test_the_critic_shares_the_rewards_clip_tower(aesthetic_files, tiny_clip_path, tiny_pipeline, tmp_path):
+    """The paper's critic reads the reward's encoder: one copy of its weights, and the reward's scores unchanged."""
+    reward = AestheticScore(clip_model=tiny_clip_path, batch_size=4)
+    config = tiny_config(tmp_path, critic_encoder=tiny_clip_path, num_epochs=1)
+    trainer = TDPOTrainer(config, reward, cat_prompt, tiny_pipeline)
+    assert trainer.critic.encoder is reward.features
+    images = random_images(3)
+    before = reward(images)[0]
+    trainer.train()
+    assert "critic/explained_variance" in trainer.log_history[-1]
+    torch.testing.assert_close(reward(images)[0], before, rtol=0, atol=0)  # frozen, and left in the reward's dtype
+    assert not any(p.requires_grad for p in reward.features.parameters())
+
+    # another checkpoint: the critic loads its own
+    other = tmp_path / "other-clip"
+    tiny_clip_vision_model(seed=1).save_pretrained(other)
+    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=True)
+    trainer = TDPOTrainer(tiny_config(tmp_path, critic_encoder=str(other)), reward, cat_prompt, pipeline)
+    assert trainer.critic.encoder is not reward.features
+    # a weighted sum lends its components' encoders
+    summed = WeightedSum({"aesthetic": (reward, 1.0), "brightness": (mean_brightness, 0.1)})
+    assert summed.image_features(tiny_clip_path) is reward.features and summed.image_features(str(other)) is None
+
+
+def test_a_clip_score_lends_its_image_tower(tiny_clip_folder):
+    reward = CLIPScore(model=tiny_clip_folder)
+    features = reward.image_features(tiny_clip_folder)
+    assert reward.image_features("openai/clip-vit-large-patch14") is None
+    assert features is reward.image_features(tiny_clip_folder) and features.model is reward.model  # no copy
+    # the image embeddings the whole CLIPModel computes (what the reward scores with)
+    images = random_images(3)
+    pixels = rewards._clip_pixels(images, reward.model.config.vision_config.image_size)
+    tokens = reward.tokenizer(["a cat"] * 3, padding=True, return_tensors="pt")
+    expected = torch.nn.functional.normalize(reward.model(**tokens, pixel_values=pixels).image_embeds, dim=-1)
+    torch.testing.assert_close(features(images), expected)

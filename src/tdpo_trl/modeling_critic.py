@@ -101,7 +101,8 @@ class CLIPImageFeatures(nn.Module):
     """Frozen CLIP image embeddings of decoded images, L2-normalized (as the paper's critic).
 
     Args:
-        model: a `transformers.CLIPVisionModelWithProjection` (or `CLIPModel`).
+        model: a `transformers.CLIPVisionModelWithProjection`, or a `CLIPModel` (its image tower and projection are
+            used; e.g. a CLIP-score reward's model, shared with the critic).
     """
 
     def __init__(self, model: nn.Module):
@@ -126,9 +127,28 @@ class CLIPImageFeatures(nn.Module):
         images = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
         pixel_values = (images.clamp(0, 1) - self.mean) / self.std
         dtype = next(self.model.parameters()).dtype
-        output = self.model(pixel_values=pixel_values.to(dtype))
-        embeds = output.image_embeds if hasattr(output, "image_embeds") else output.pooler_output
+        pixel_values = pixel_values.to(dtype)
+        if hasattr(self.model, "visual_projection") and hasattr(self.model, "vision_model"):  # a whole CLIPModel
+            embeds = self.model.visual_projection(self.model.vision_model(pixel_values=pixel_values).pooler_output)
+        else:
+            output = self.model(pixel_values=pixel_values)
+            embeds = output.image_embeds if hasattr(output, "image_embeds") else output.pooler_output
         return F.normalize(embeds.float(), dim=-1)
+
+
+def shared_image_features(rewards, name_or_path: str) -> Optional[nn.Module]:
+    """The frozen image features of checkpoint `name_or_path` that one of `rewards` already holds, else None.
+
+    The paper's critic reads the training reward's own encoder (CLIP ViT-L/14 for the aesthetic score): a reward
+    that exposes `image_features(name_or_path)` (the built-in CLIP-based ones do) lends it to the critic, so the
+    critic adds no second copy of the encoder's weights.
+    """
+    for reward in rewards:
+        method = getattr(reward, "image_features", None)
+        features = method(name_or_path) if callable(method) else None
+        if features is not None:
+            return features
+    return None
 
 
 class TimestepCritic(nn.Module):
@@ -167,9 +187,14 @@ class TimestepCritic(nn.Module):
         return bool(getattr(self.encoder, "needs_pixels", False))
 
     @classmethod
-    def from_config(cls, config, latent_shape: tuple[int, ...], num_outputs: int = 1) -> "TimestepCritic":
-        """Build the critic that `config.critic_encoder` names (a `TDPOConfig`)."""
-        if config.critic_encoder == "latents":
+    def from_config(
+        cls, config, latent_shape: tuple[int, ...], num_outputs: int = 1, encoder: Optional[nn.Module] = None
+    ) -> "TimestepCritic":
+        """Build the critic that `config.critic_encoder` names (a `TDPOConfig`); `encoder`, if given, is used instead
+        of loading it (e.g. the reward's own copy, `shared_image_features`)."""
+        if encoder is not None:
+            pass
+        elif config.critic_encoder == "latents":
             encoder = LatentFeatures(latent_shape)
         elif config.critic_encoder == "digit_classifier":  # the features the digits' ink reward reads
             import copy

@@ -20,7 +20,7 @@ from .digits.distribution import DigitDiversity, DigitParity, DigitParityIndepen
 from .digits.independent_judge import DigitAccuracyIndependent
 from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
 from .distribution_rewards import Diversity
-from .modeling_critic import CLIPImageFeatures, ValueHead
+from .modeling_critic import CLIPImageFeatures, ValueHead, shared_image_features
 
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,11 +79,19 @@ class _LazyModelReward:
     def modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts=None, metadata=None):
+    def image_features(self, name_or_path: str) -> Optional[CLIPImageFeatures]:
+        """This reward's frozen CLIP image features if it reads checkpoint `name_or_path`, else None: a critic
+        reading the same checkpoint shares them (`modeling_critic.shared_image_features`), one copy in memory."""
+        return None
+
+    def _load_once(self):
         if not self._loaded:
             self.load()
             self._loaded = True
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts=None, metadata=None):
+        self._load_once()
         device = torch.device(self.device) if self.device is not None else images.device
         for module in self.modules():
             module.to(device=device, dtype=self.dtype).eval()
@@ -122,6 +130,12 @@ class AestheticScore(_LazyModelReward):
     def modules(self):
         return [self.features, self.head]
 
+    def image_features(self, name_or_path):
+        if name_or_path != self.clip_model:
+            return None
+        self._load_once()
+        return self.features
+
     def score(self, images, prompts):
         return self.head(self.features(images).to(self.dtype))
 
@@ -143,6 +157,14 @@ class CLIPTextImageScore(_LazyModelReward):
 
     def modules(self):
         return [self.model]
+
+    def image_features(self, name_or_path):
+        if name_or_path != self.model_name:
+            return None
+        self._load_once()
+        if getattr(self, "_image_features", None) is None:
+            self._image_features = CLIPImageFeatures(self.model)  # the image tower of the same module, no copy
+        return self._image_features
 
     def score(self, images, prompts):
         pixels = _clip_pixels(images, self.model.config.vision_config.image_size).to(self.dtype)
@@ -334,6 +356,10 @@ class WeightedSum:
             scores[name] = torch.as_tensor(rewards, dtype=torch.float32, device=images.device)
             total = total + weight * scores[name]
         return total, {"components": scores}
+
+    def image_features(self, name_or_path: str):
+        """A component's image features for a critic reading `name_or_path` (see `_LazyModelReward.image_features`)."""
+        return shared_image_features([function for function, _ in self.components.values()], name_or_path)
 
 
 __all__ = [

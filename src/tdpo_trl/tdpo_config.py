@@ -116,7 +116,9 @@ class TDPOConfig(DDPOConfig):
             by that frozen image encoder (the paper's critic). `"latents"`: the flattened latent x_t itself, no
             decoding (cheap; for small models). `"digit_classifier"`: for the shipped digits model, the frozen digit
             classifier's features of the decoded x_t, the features its ink reward reads. Pass `critic=` to
-            [`TDPOTrainer`] for any other encoder.
+            [`TDPOTrainer`] for any other encoder. When the reward holds the same checkpoint (the aesthetic score and
+            CLIP score read `openai/clip-vit-large-patch14`), the critic shares the reward's copy: no second set of
+            weights in memory, run in the reward's dtype.
         critic_decoder (`str`, *optional*, defaults to `""`):
             What decodes x_t for an image-reading critic: `""` the pipeline's VAE, or a diffusers `AutoencoderTiny`
             id or folder (TAESD: `"madebyollin/taesd"` for SD 1.x/2.x, `"madebyollin/taesdxl"` for SDXL), about
@@ -304,7 +306,8 @@ class TDPOConfig(DDPOConfig):
         default="openai/clip-vit-large-patch14",
         metadata={
             "help": "What the critic reads: a CLIP vision checkpoint id or path (x_t is VAE-decoded and embedded, as "
-            "the paper), or 'latents' (the flattened latent x_t, no decoding)."
+            "the paper; shared with the reward when it holds the same checkpoint), or 'latents' (the flattened "
+            "latent x_t, no decoding)."
         },
     )
     critic_decoder: str = field(

@@ -48,7 +48,7 @@ from .guard import OverOptimizationGuard
 from .hub import check_repo_id, push_folder
 from .loading import load_pretrained
 from .model_card import create_model_card
-from .modeling_critic import TimestepCritic
+from .modeling_critic import TimestepCritic, shared_image_features
 from .neuron_reset import ActiveNeuronResetCallback
 from .optimization import OptimizerGroup, clip_and_step
 from .prompts import RepeatedPrompts, get_prompt_function, has_state
@@ -289,17 +289,27 @@ class TDPOTrainer(DDPOTrainer):
         if config.use_critic:
             # one critic told the task: one value output per task (rewards are normalized per task, so the outputs
             # share a scale); one encoder, one optimizer and one neuron-reset schedule for all tasks
+            # the paper's critic reads the reward's own encoder: a reward holding `critic_encoder` lends it (no copy)
+            shared = None
+            if critic is None and config.critic_encoder != "latents":
+                shared = shared_image_features([task.reward_function for task in self.tasks], config.critic_encoder)
             self.critic = (
                 critic
                 if critic is not None
-                else TimestepCritic.from_config(config, self.sd_pipeline.latent_shape(), num_outputs=len(self.tasks))
+                else TimestepCritic.from_config(
+                    config, self.sd_pipeline.latent_shape(), num_outputs=len(self.tasks), encoder=shared
+                )
             )
             if self.critic.head.num_outputs != len(self.tasks):
                 raise ValueError(
                     f"the critic head has {self.critic.head.num_outputs} value outputs for {len(self.tasks)} tasks; "
                     "give it one output per task (`num_outputs`)"
                 )
-            self.critic.encoder.to(device, dtype=inference_dtype)
+            if shared is not None:  # left in the reward's dtype: a cast here would be undone by every reward call
+                logger.info(f"the critic shares the reward's image encoder {config.critic_encoder!r}")
+                self.critic.encoder.to(device)
+            else:
+                self.critic.encoder.to(device, dtype=inference_dtype)
             # what decodes x_t for an image-reading critic: the VAE, or a cheap AutoencoderTiny (TAESD)
             self.critic_decoder = self.sd_pipeline.vae
             if config.critic_decoder and self.critic.needs_pixels:

@@ -16,6 +16,8 @@ warm-up epoch, so peak memory is its own and the modes are compared side by side
 Modes: `ddpo` (no critic), `tdpo-latent` (TDPO-R, critic on latents), `tdpo-clip` (TDPO-R, critic on CLIP ViT-L/14
 image embeddings of every x_t decoded by the VAE: the paper's critic; a random ViT-L/14 of the real shape),
 `tdpo-clip-taesd` (the same critic, x_t decoded by a TAESD-shaped `AutoencoderTiny`: `critic_decoder`).
+Rewards: `--reward brightness` (free; a clip critic brings its own ViT-L/14) or `--reward aesthetic` (the paper's
+reward, LAION aesthetic score of the real shape, in every mode; a clip critic shares the reward's ViT-L/14).
 """
 
 import argparse
@@ -108,15 +110,36 @@ def build_model(name: str):
     return pipeline, TDPOStableDiffusionXLPipeline
 
 
-def clip_vit_l14_critic(config):
+def clip_vit_l14_features():
+    """CLIP ViT-L/14's image tower and projection, random weights (what the aesthetic score and the critic read)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from tdpo_trl import CLIPImageFeatures, TimestepCritic
+    from tdpo_trl import CLIPImageFeatures
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=224, patch_size=14, projection_dim=768)  # fmt: skip
-    encoder = CLIPImageFeatures(CLIPVisionModelWithProjection(vision))
+    return CLIPImageFeatures(CLIPVisionModelWithProjection(vision))
+
+
+def clip_vit_l14_critic(config):
+    from tdpo_trl import TimestepCritic
+
+    encoder = clip_vit_l14_features()
     return TimestepCritic(encoder, config.critic_hidden_sizes, config.critic_dropout, config.critic_activation)
+
+
+def random_aesthetic_score():
+    """The LAION aesthetic score (the paper's reward) with random weights: ViT-L/14 features and the MLP head."""
+    from tdpo_trl import ValueHead
+    from tdpo_trl.rewards import AestheticScore
+
+    class RandomAestheticScore(AestheticScore):
+        def load(self):
+            torch.manual_seed(1)
+            self.features = clip_vit_l14_features()
+            self.head = ValueHead(self.features.feature_dim, (1024, 128, 64, 16), (0.2, 0.2, 0.1, 0.0))
+
+    return RandomAestheticScore()
 
 
 class DenoiserTimer:
@@ -136,6 +159,24 @@ class DenoiserTimer:
         if self.sync:
             torch.cuda.synchronize()
         self.total += time.perf_counter() - self._start
+
+
+def reset_peak_rss():
+    """Reset the process's peak resident set size (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: `peak_rss_mb` falls back to the peak since the process started
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size since `reset_peak_rss` (VmHWM), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(args, mode: str) -> dict:
@@ -164,11 +205,17 @@ def measure(args, mode: str) -> dict:
 
             AutoencoderTiny().save_pretrained(os.path.join(workdir, "taesd"))
             config.critic_decoder = os.path.join(workdir, "taesd")
-        critic = clip_vit_l14_critic(config) if mode.startswith("tdpo-clip") else None
+        reward, critic = mean_brightness, None
+        if args.reward == "aesthetic":  # the critic reads the reward's ViT-L/14 (shared, as the paper's critic)
+            reward = random_aesthetic_score()
+            config.critic_encoder = reward.clip_model if mode.startswith("tdpo-clip") else "latents"
+        elif mode.startswith("tdpo-clip"):  # the critic's own ViT-L/14
+            critic = clip_vit_l14_critic(config)
         pipeline = family(diffusers_pipeline, use_lora=True)
-        trainer = TDPOTrainer(config, mean_brightness, lambda: ("a photo of a cat", {}), pipeline, critic=critic)
+        trainer = TDPOTrainer(config, reward, lambda: ("a photo of a cat", {}), pipeline, critic=critic)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()  # the peak of training, not of building the models (in fp32, then cast)
         timer = DenoiserTimer(trainer.accelerator.unwrap_model(trainer.unet), args.device)
         global_step = trainer.step(0, 0)  # warm-up
         records, denoiser = [], []
@@ -177,7 +224,7 @@ def measure(args, mode: str) -> dict:
             global_step = trainer.step(epoch, global_step)
             records.append(trainer.log_history[-1])
             denoiser.append(timer.total)
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_rss = peak_rss_mb()
         peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     samples = args.batch_size * args.batches
     median = lambda key: statistics.median(r[key] for r in records)  # noqa: E731
@@ -210,6 +257,11 @@ def main():
         "--timestep_fraction", type=float, default=1.0, help="train_timestep_fraction (< 1: fewer x_t embedded)"
     )
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="> 1: classifier-free guidance (2 passes)")
+    parser.add_argument(
+        "--reward", choices=("brightness", "aesthetic"), default="brightness",
+        help="brightness: free, the critic brings its own ViT-L/14; aesthetic: the LAION aesthetic score (random "
+        "ViT-L/14 + head) in every mode, whose ViT-L/14 the clip critics share",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode (after 1 warm-up)")
@@ -235,12 +287,13 @@ def main():
     print(
         f"{args.model} (random weights), LoRA r=4, {args.resolution or 'native'} px, {args.steps} DDIM steps, "
         f"CFG {args.guidance_scale}, {samples} samples/epoch, {args.timestep_fraction:g} of the steps trained, "
+        f"reward {args.reward}, "
         f"{args.dtype} on {args.device}, "
         f"{args.threads} thread(s), median of {args.epochs} epochs; torch {torch.__version__}"
     )
     base = results[args.modes[0]]
     header = (
-        f"{'mode':<12} {'epoch s':>8} {'x ' + args.modes[0]:>10} {'samples/s':>10} {'sample/s':>9} {'train/s':>8} "
+        f"{'mode':<16} {'epoch s':>8} {'x ' + args.modes[0]:>10} {'samples/s':>10} {'sample/s':>9} {'train/s':>8} "
         f"{'denoiser':>9} {'peak MB':>9} {'x':>6} {'expl.var':>9}"
     )
     print(header)
@@ -250,7 +303,7 @@ def main():
         base_peak = base["peak_gpu_mb"] if base["peak_gpu_mb"] is not None else base["peak_rss_mb"]
         variance = "" if r["explained_variance"] is None else f"{r['explained_variance']:.3f}"
         print(
-            f"{mode:<12} {r['epoch_s']:>8.2f} {r['epoch_s'] / base['epoch_s']:>10.2f} {r['samples_per_s']:>10.3f} "
+            f"{mode:<16} {r['epoch_s']:>8.2f} {r['epoch_s'] / base['epoch_s']:>10.2f} {r['samples_per_s']:>10.3f} "
             f"{r['sampling_samples_per_s']:>9.3f} {r['training_samples_per_s']:>8.3f} {r['denoiser_share']:>9.0%} "
             f"{peak:>9.0f} {peak / base_peak:>6.2f} {variance:>9}"
         )

@@ -151,6 +151,21 @@ def shared_image_features(rewards, name_or_path: str) -> Optional[nn.Module]:
     return None
 
 
+def encoder_from_config(config, latent_shape: tuple[int, ...]) -> nn.Module:
+    """The frozen feature extractor that `config.critic_encoder` names."""
+    if config.critic_encoder == "latents":
+        return LatentFeatures(latent_shape)
+    if config.critic_encoder == "digit_classifier":  # the features the digits' ink reward reads
+        import copy
+
+        from .digits.judges import DigitClassifierFeatures, shared_judges
+
+        return DigitClassifierFeatures(copy.deepcopy(shared_judges().classifier))
+    from .loading import load_pretrained
+
+    return load_pretrained(CLIPImageFeatures.from_pretrained, config.critic_encoder, "critic_encoder")
+
+
 class TimestepCritic(nn.Module):
     """V(x_t): a frozen encoder and a trainable `ValueHead`.
 
@@ -192,20 +207,8 @@ class TimestepCritic(nn.Module):
     ) -> "TimestepCritic":
         """Build the critic that `config.critic_encoder` names (a `TDPOConfig`); `encoder`, if given, is used instead
         of loading it (e.g. the reward's own copy, `shared_image_features`)."""
-        if encoder is not None:
-            pass
-        elif config.critic_encoder == "latents":
-            encoder = LatentFeatures(latent_shape)
-        elif config.critic_encoder == "digit_classifier":  # the features the digits' ink reward reads
-            import copy
-
-            from .digits.judges import DigitClassifierFeatures, shared_judges
-
-            encoder = DigitClassifierFeatures(copy.deepcopy(shared_judges().classifier))
-        else:
-            from .loading import load_pretrained
-
-            encoder = load_pretrained(CLIPImageFeatures.from_pretrained, config.critic_encoder, "critic_encoder")
+        if encoder is None:
+            encoder = encoder_from_config(config, latent_shape)
         return cls(
             encoder,
             config.critic_hidden_sizes,

@@ -9,6 +9,7 @@ from transformers import CLIPVisionModelWithProjection
 
 import tdpo_trl.rewards as rewards
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, ValueHead
+from tdpo_trl.modeling_critic import CLIP_MEAN, CLIP_STD, clip_pixel_values
 from tdpo_trl.rewards import (
     AestheticScore,
     CLIPScore,
@@ -253,8 +254,8 @@ def test_hpsv2_wiring_with_a_stand_in_open_clip(tmp_path, monkeypatch):
     scores, _ = get_reward_function("hpsv2", batch_size=2)(images, prompts)
     assert requested == [("xswu/HPSv2", "HPS_v2_compressed.pt")] and created == ["ViT-H-14"]
     pixels = torch.nn.functional.interpolate(images, size=(8, 8), mode="bicubic", antialias=True).clamp(0, 1)
-    mean = torch.tensor(rewards._CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(rewards._CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     image = torch.nn.functional.normalize(trained.encode_image((pixels - mean) / std), dim=-1)
     text = torch.nn.functional.normalize(trained.encode_text(tokenize(prompts)), dim=-1)
     torch.testing.assert_close(scores, (image * text).sum(-1).detach())
@@ -302,8 +303,8 @@ def test_hpsv2_on_a_tiny_open_clip_model(tmp_path, monkeypatch):
     images, prompts = random_images(3), ["a cat", "a dog", "a photo of a cat"]
     scores, _ = get_reward_function("hpsv2", model_name="TinyHPS", batch_size=2)(images, prompts)
     pixels = torch.nn.functional.interpolate(images, size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
-    mean = torch.tensor(rewards._CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(rewards._CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         image = torch.nn.functional.normalize(trained.encode_image((pixels - mean) / std), dim=-1)
         text = torch.nn.functional.normalize(trained.encode_text(open_clip.get_tokenizer("TinyHPS")(prompts)), dim=-1)
@@ -342,7 +343,7 @@ def test_a_clip_score_lends_its_image_tower(tiny_clip_folder):
     assert features is reward.image_features(tiny_clip_folder) and features.model is reward.model  # no copy
     # the image embeddings the whole CLIPModel computes (what the reward scores with)
     images = random_images(3)
-    pixels = rewards._clip_pixels(images, reward.model.config.vision_config.image_size)
+    pixels = clip_pixel_values(images, reward.model.config.vision_config.image_size)
     tokens = reward.tokenizer(["a cat"] * 3, padding=True, return_tensors="pt")
     expected = torch.nn.functional.normalize(reward.model(**tokens, pixel_values=pixels).image_embeds, dim=-1)
     torch.testing.assert_close(features(images), expected)

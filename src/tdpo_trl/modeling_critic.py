@@ -97,6 +97,19 @@ class LatentFeatures(nn.Module):
         return F.normalize(latents.flatten(1).float(), dim=-1)
 
 
+# CLIP's preprocessing constants (shared by every OpenAI / LAION CLIP checkpoint)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixel_values(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> CLIP's input: resized to `size` (bicubic, antialiased), normalized."""
+    pixels = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
 class CLIPImageFeatures(nn.Module):
     """Frozen CLIP image embeddings of decoded images, L2-normalized (as the paper's critic).
 
@@ -111,9 +124,6 @@ class CLIPImageFeatures(nn.Module):
         vision_config = getattr(model.config, "vision_config", model.config)
         self.image_size = vision_config.image_size
         self.feature_dim = getattr(model.config, "projection_dim", None) or vision_config.hidden_size
-        # CLIP's preprocessing constants (shared by every OpenAI / LAION CLIP checkpoint).
-        self.register_buffer("mean", torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1), False)
         self.needs_pixels = True
 
     @classmethod
@@ -124,10 +134,7 @@ class CLIPImageFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) in [0, 1] -> (B, feature_dim)."""
-        images = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-        pixel_values = (images.clamp(0, 1) - self.mean) / self.std
-        dtype = next(self.model.parameters()).dtype
-        pixel_values = pixel_values.to(dtype)
+        pixel_values = clip_pixel_values(images, self.image_size).to(next(self.model.parameters()).dtype)
         if hasattr(self.model, "visual_projection") and hasattr(self.model, "vision_model"):  # a whole CLIPModel
             embeds = self.model.visual_projection(self.model.vision_model(pixel_values=pixel_values).pooler_output)
         else:

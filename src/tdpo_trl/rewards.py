@@ -20,19 +20,7 @@ from .digits.distribution import DigitDiversity, DigitParity, DigitParityIndepen
 from .digits.independent_judge import DigitAccuracyIndependent
 from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
 from .distribution_rewards import Diversity
-from .modeling_critic import CLIPImageFeatures, ValueHead, shared_image_features
-
-
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images in [0, 1] resized to `size` and normalized with CLIP's constants."""
-    pixels = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
-    mean = torch.tensor(_CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(_CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+from .modeling_critic import CLIPImageFeatures, ValueHead, clip_pixel_values, shared_image_features
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -167,7 +155,7 @@ class CLIPTextImageScore(_LazyModelReward):
         return self._image_features
 
     def score(self, images, prompts):
-        pixels = _clip_pixels(images, self.model.config.vision_config.image_size).to(self.dtype)
+        pixels = clip_pixel_values(images, self.model.config.vision_config.image_size).to(self.dtype)
         tokens = self.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
         ).to(pixels.device)
@@ -234,7 +222,7 @@ class HPSv2(CLIPTextImageScore):
         self.model, self.tokenizer = model, open_clip.get_tokenizer(self.model_name)
 
     def score(self, images, prompts):
-        pixels = _clip_pixels(images, self.model.visual.image_size[0]).to(self.dtype)
+        pixels = clip_pixel_values(images, self.model.visual.image_size[0]).to(self.dtype)
         image_embeds = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
         text_embeds = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(pixels.device)).float(), dim=-1)
         return (image_embeds * text_embeds).sum(-1)

@@ -87,3 +87,36 @@ def test_bad_guard_settings_are_named(tmp_path):
     trainer = make_trainer(tmp_path, OverOptimizationGuard({"accuracy": 0.1}))
     with pytest.raises(ValueError, match=r"judges \['accuracy'\] are not among the eval rewards \['darkness'\]"):
         trainer.train()
+
+
+def test_tdpo_trl_train_takes_the_guard(tmp_path):
+    from tdpo_trl.scripts import train
+
+    base = ["--pretrained_model", "tiny", "--num_epochs", "2", "--logdir", str(tmp_path), "--eval_num_prompts", "2"]
+    judged = [*base, "--eval_freq", "1", "--eval_reward_functions", "jpeg_compressibility"]
+    trainer = train.cli(
+        [
+            *judged,
+            "--guard",
+            '{"jpeg_compressibility": 1000}',
+            "--guard_action",
+            "stop",
+            "--save_dir",
+            str(tmp_path / "s"),
+        ]
+    )
+    guard = trainer._guard()
+    assert guard.tolerances == {"jpeg_compressibility": 1000} and guard.action == "stop"
+    assert set(guard.start) == {"target", "jpeg_compressibility"}
+    assert [r["guard/flagged"] for r in trainer.log_history] == [0, 0]  # nothing falls by 1000 kB
+    assert (tmp_path / "s" / "unet").is_dir()  # the tiny model trains the whole UNet
+    assert train.build_trainer(*train.parse_args(base))._guard() is None  # no --guard, no guard
+
+    with pytest.raises(ValueError, match="`guard`: tolerance of 'jpeg_compressibility' must be a finite number >= 0"):
+        train.parse_args([*judged, "--guard", '{"jpeg_compressibility": -1}'])
+    with pytest.raises(ValueError, match="`guard`: `action` must be 'stop' or 'mark', got 'halt'"):
+        train.parse_args([*judged, "--guard", '{"jpeg_compressibility": 1}', "--guard_action", "halt"])
+    with pytest.raises(ValueError, match=r"reads the held-out evaluation: set --eval_freq > 0"):
+        train.build_trainer(*train.parse_args([*base, "--guard", '{"jpeg_compressibility": 1}']))
+    with pytest.raises(ValueError, match=r"--guard judges \['realism'\] are not among --eval_reward_functions"):
+        train.build_trainer(*train.parse_args([*judged, "--guard", '{"realism": 1}']))

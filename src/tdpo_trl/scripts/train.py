@@ -21,6 +21,7 @@ metrics are appended to `<project_dir>/metrics.jsonl`.
 """
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,6 +30,7 @@ from transformers import HfArgumentParser
 
 from ..cli import one_line_errors
 from ..distribution_rewards import is_distribution_reward
+from ..guard import OverOptimizationGuard
 from ..loading import check_model_reference, load_pretrained
 from ..pipeline import TDPOStableDiffusionPipeline
 from ..pipeline_sd3 import TDPOStableDiffusion3Pipeline
@@ -175,9 +177,32 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Where to save the final LoRA (diffusers format), critic and model card; None: skip."},
     )
+    guard: JSONDict = field(
+        default_factory=JSONDict,
+        metadata={
+            "help": "Over-optimization guard (tdpo_trl.OverOptimizationGuard), as JSON {judge: allowed drop below its "
+            "start}, judges among --eval_reward_functions, e.g. --guard '{\"digit_accuracy\": 0.05}'; needs "
+            "--eval_freq > 0. The saved weights are then those of the best held-out evaluation within tolerance."
+        },
+    )
+    guard_action: str = field(
+        default="mark",
+        metadata={"help": "What the guard does on a flagged evaluation: 'mark' (train on) or 'stop'."},
+    )
+    guard_lower_is_better: list[str] = field(
+        default_factory=list, metadata={"help": "Guard judges for which lower is better (e.g. a distance)."}
+    )
 
     def __post_init__(self):
         check_model_reference(self.pretrained_model, "pretrained_model", tuple(MODEL_DEFAULTS))
+        with field_errors("guard"):  # the guard checks its tolerances and action
+            self.over_optimization_guard()
+
+    def over_optimization_guard(self) -> Optional[OverOptimizationGuard]:
+        """The `OverOptimizationGuard` that `--guard` describes; None without one."""
+        if not self.guard:
+            return None
+        return OverOptimizationGuard(self.guard, self.guard_action, tuple(self.guard_lower_is_better))
 
 
 def default_config(model: str = "digits", **overrides) -> TDPOConfig:
@@ -238,8 +263,7 @@ def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=Non
         if script_args.save_dir:
             check_writable_folder(script_args.save_dir, "save_dir")
         trainer = TDPOTrainer(config, None, None, pipeline or load_pipeline(script_args, config), tasks=tasks)
-        trainer.add_callback(JSONLinesLoggerCallback(os.path.join(trainer.accelerator.project_dir, "metrics.jsonl")))
-        return trainer
+        return add_callbacks(trainer, script_args, config)
     with field_errors("reward"):
         if script_args.reward in TINY_REWARDS:
             reward_function = TINY_REWARDS[script_args.reward]
@@ -257,7 +281,28 @@ def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=Non
         prompt_function=prompt_function,
         sd_pipeline=pipeline or load_pipeline(script_args, config),
     )
+    return add_callbacks(trainer, script_args, config)
+
+
+def add_callbacks(trainer: TDPOTrainer, script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
+    """The per-epoch JSONL log, and the guard `--guard` asks for (checked against the evaluation it reads)."""
     trainer.add_callback(JSONLinesLoggerCallback(os.path.join(trainer.accelerator.project_dir, "metrics.jsonl")))
+    guard = script_args.over_optimization_guard()
+    if guard is None:
+        return trainer
+    if trainer.multi_task:
+        raise ValueError(
+            f"--guard {json.dumps(script_args.guard)} watches one target's held-out evaluation; it does not take "
+            "--tasks (multi-task runs)"
+        )
+    if not config.eval_freq:
+        raise ValueError(f"--guard {json.dumps(script_args.guard)} reads the held-out evaluation: set --eval_freq > 0")
+    unknown = sorted(set(script_args.guard) - set(trainer.eval_reward_functions))
+    if unknown:
+        raise ValueError(
+            f"--guard judges {unknown} are not among --eval_reward_functions {sorted(trainer.eval_reward_functions)}"
+        )
+    trainer.add_callback(guard)
     return trainer
 
 

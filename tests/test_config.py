@@ -99,6 +99,14 @@ def test_every_field_has_help_and_a_docstring_entry():
         ({"tracker_kwargs": "{not json"}, r"`tracker_kwargs`: expected a JSON object, got '\{not json'"),
         ({"project_kwargs": "[1, 2]"}, r"`project_kwargs`: expected a JSON object, got '\[1, 2\]'"),
         ({"log_with": "mlflow"}, r"`log_with` must be None, 'wandb' or 'tensorboard', got 'mlflow'"),
+        (
+            {"train_lr_scheduler": "step"},
+            r"`train_lr_scheduler` must be one of \('constant', 'linear', 'cosine'\), got 'step'",
+        ),
+        (
+            {"num_epochs": 10, "train_lr_warmup_epochs": 10},
+            r"`train_lr_warmup_epochs` must be in \[0, num_epochs\) = \[0, 10\), got 10",
+        ),
     ],
 )
 def test_bad_values_raise_errors_that_name_them(kwargs, message):

@@ -220,6 +220,7 @@ def test_train_judges_digits_distribution_rewards_independently(tmp_path):
     assert config.eval_reward_functions[0] == "digit_parity_independent"
     assert "digit_accuracy" not in config.eval_reward_functions  # the prompt names no digit
     assert config.pretrain_loss_coef == 0.0 and config.num_epochs == 120  # the measured parity recipe
+    assert config.train_lr_scheduler == "cosine"
     _, config = parse_args(["--pretrained_model", "digits", "--reward", "digit_parity", "--num_epochs", "5"])
     assert config.num_epochs == 5  # a flag still wins
     _, config = parse_args(["--pretrained_model", "digits", "--reward", "digit_diversity"])

@@ -142,3 +142,37 @@ def test_sigkill_mid_epoch_then_resume_ends_identical(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_identical(torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "killed.pt"))
+
+
+def test_learning_rate_schedule_per_epoch_and_bit_exact_resume(tmp_path):
+    """`train_lr_scheduler`: epoch e trains at train_learning_rate x transformers' schedule(e), logged, and a resumed
+    run trains at the rates (and to the weights) of an uninterrupted one."""
+    from transformers import get_scheduler
+
+    settings = dict(num_epochs=4, save_freq=1, train_lr_scheduler="cosine", train_lr_warmup_epochs=1)
+
+    def run(name, stop_at, resume=False):
+        resume_from = str(tmp_path / "logs" / name) if resume else ""
+        config = tiny_config(tmp_path, run_name=name, resume_from=resume_from, **settings)
+        pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=True)
+        trainer = TDPOTrainer(config, left_minus_right_brightness, random_prompt, pipeline)
+        trainer.initial_state = trained_state(trainer)
+        trainer.train(stop_at)
+        return trainer
+
+    straight = run("straight", 4)
+    interrupted = run("interrupted", 2)
+    resumed = run("interrupted", 4, resume=True)
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    schedule = get_scheduler("cosine", dummy, num_warmup_steps=1, num_training_steps=4).lr_lambdas[0]
+    expected = [3e-3 * schedule(epoch) for epoch in range(4)]  # 0 (warmup), 3e-3, 2.25e-3, 0.75e-3
+    logged = [record["policy/learning_rate"] for record in straight.log_history]
+    assert logged == pytest.approx(expected) and len(set(logged)) == 4
+    assert [record["policy/learning_rate"] for record in resumed.log_history] == logged
+    assert_identical(trained_state(straight), trained_state(resumed))
+    # the rate reaches the optimizer: at rate 0 (the warmup epoch) Adam leaves the policy's LoRA where it started
+    one_epoch = run("warmup_only", 1)
+    policy = [name for name in one_epoch.initial_state if name.startswith("unet.")]
+    assert all(torch.equal(one_epoch.initial_state[n], trained_state(one_epoch)[n]) for n in policy)
+    assert not all(torch.equal(interrupted.initial_state[n], trained_state(interrupted)[n]) for n in policy)

@@ -51,3 +51,26 @@ def clip_and_step(accelerator, groups: list[OptimizerGroup]) -> dict[str, tuple[
     for group in groups:
         _inner(group.optimizer).zero_grad(set_to_none=True)
     return results
+
+
+class EpochLearningRate:
+    """The policy's learning rate per epoch: `train_learning_rate` x transformers' schedule (`get_scheduler`) with one
+    step per epoch. Stateless: epoch `e`'s rate is set at its start from `e` alone, so a resumed run trains at the
+    rates of an uninterrupted one without a scheduler in the checkpoint."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str, num_epochs: int, warmup_epochs: int = 0):
+        from transformers import get_scheduler
+
+        if name == "constant" and warmup_epochs:
+            name = "constant_with_warmup"
+        self.optimizer = optimizer = _inner(optimizer)
+        self.base_rates = [group["lr"] for group in optimizer.param_groups]
+        # the scheduler only holds the schedule (epoch -> factor); it is never stepped
+        self.schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup_epochs, num_training_steps=num_epochs)
+
+    def set_epoch(self, epoch: int) -> float:
+        """Set every parameter group's rate for `epoch`; returns the first group's."""
+        factor = self.schedule.lr_lambdas[0](epoch)
+        for group, rate in zip(self.optimizer.param_groups, self.base_rates):
+            group["lr"] = rate * factor
+        return self.optimizer.param_groups[0]["lr"]

@@ -37,6 +37,7 @@ _LORA_INITS = ("gaussian", "default")
 KL_PENALTY_MODES = ("loss", "reward")
 REWARD_NORMALIZATIONS = ("per_prompt", "batch")
 MULTI_TASK_UPDATES = ("sequential", "weighted")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 def check_prompt_repeats(repeats: int, samples_per_epoch: int):
@@ -75,6 +76,16 @@ class TDPOConfig(DDPOConfig):
         train_adv_clip_max (`float` or `None`, *optional*, defaults to `None`):
             Clip advantages to `[-train_adv_clip_max, train_adv_clip_max]`. `None` means DDPO's 5.0 when
             `use_critic=False` and no clipping when `use_critic=True` (as the TDPO-R paper).
+
+        > Parameters that control the policy's learning rate over the run
+
+        train_lr_scheduler (`str`, *optional*, defaults to `"constant"`):
+            How the policy's learning rate changes over the epochs: `"constant"`, `"linear"` or `"cosine"` (both decay
+            to 0 at `num_epochs`), transformers' schedules (`transformers.get_scheduler`) counted in epochs: epoch `e`
+            trains at `train_learning_rate` x schedule(e). Logged as `policy/learning_rate`. The critic's rate is
+            constant.
+        train_lr_warmup_epochs (`int`, *optional*, defaults to `0`):
+            Epochs of linear warmup before the schedule.
 
         > Parameters that control which denoising steps are trained
 
@@ -262,6 +273,16 @@ class TDPOConfig(DDPOConfig):
             "help": "Clip advantages to [-x, x]. None: 5.0 in DDPO mode (use_critic=False), no clipping in TDPO mode "
             "(as the paper)."
         },
+    )
+    train_lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "help": "Policy learning rate over the epochs: 'constant', 'linear' or 'cosine' (decaying to 0 at "
+            "num_epochs; transformers' schedules, stepped once per epoch)."
+        },
+    )
+    train_lr_warmup_epochs: int = field(
+        default=0, metadata={"help": "Epochs of linear learning-rate warmup before train_lr_scheduler."}
     )
     train_final_step: Optional[bool] = field(
         default=None,
@@ -525,6 +546,13 @@ class TDPOConfig(DDPOConfig):
         if self.multi_task_update not in MULTI_TASK_UPDATES:
             raise ValueError(
                 f"`multi_task_update` must be one of {MULTI_TASK_UPDATES}, got {self.multi_task_update!r}"
+            )
+        if self.train_lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"`train_lr_scheduler` must be one of {LR_SCHEDULERS}, got {self.train_lr_scheduler!r}")
+        if not 0 <= self.train_lr_warmup_epochs < self.num_epochs:
+            raise ValueError(
+                f"`train_lr_warmup_epochs` must be in [0, num_epochs) = [0, {self.num_epochs}), got "
+                f"{self.train_lr_warmup_epochs}"
             )
         if not 0.0 < self.train_timestep_fraction <= 1.0:
             raise ValueError(f"`train_timestep_fraction` must be in (0, 1], got {self.train_timestep_fraction}")

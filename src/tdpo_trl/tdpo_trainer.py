@@ -50,7 +50,7 @@ from .loading import load_pretrained
 from .model_card import create_model_card
 from .modeling_critic import TimestepCritic, shared_image_features
 from .neuron_reset import ActiveNeuronResetCallback
-from .optimization import OptimizerGroup, clip_and_step
+from .optimization import EpochLearningRate, OptimizerGroup, clip_and_step
 from .prompts import RepeatedPrompts, get_prompt_function, has_state
 from .regularizers import (
     PretrainingData,
@@ -269,6 +269,9 @@ class TDPOTrainer(DDPOTrainer):
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.optimizer = self._setup_optimizer([p for p in unet.parameters() if p.requires_grad])
+        self.learning_rate = EpochLearningRate(
+            self.optimizer, config.train_lr_scheduler, config.num_epochs, config.train_lr_warmup_epochs
+        )
 
         with torch.no_grad():  # the negative prompt's conditioning (batch 1), for classifier-free guidance
             self.negative_conditioning = self.sd_pipeline.encode_negative_prompt(config.negative_prompts, device)
@@ -733,7 +736,7 @@ class TDPOTrainer(DDPOTrainer):
         config = self.config
         call_event(self.callbacks, "on_epoch_begin", self, epoch=epoch, global_step=global_step)
         start = time.perf_counter()
-        stats = {"epoch": epoch}
+        stats = {"epoch": epoch, "policy/learning_rate": self.learning_rate.set_epoch(epoch)}
         task_samples, times, train_info = [], defaultdict(float), defaultdict(list)
         # sequential (the paper's order): sample task 1, update on it, sample task 2 with the updated model, ...: each
         # task's update is on-policy. weighted (and a single task): sample every task, then one update over all.

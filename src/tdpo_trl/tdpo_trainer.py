@@ -996,7 +996,7 @@ class TDPOTrainer(DDPOTrainer):
         terms["pretrain/loss"]` and `kl_coef * terms["policy/kl_ref"]` when those are on.
         """
         config, pipeline = self.config, self.sd_pipeline
-        policy_inputs = pipeline.denoiser_inputs(latents, timesteps, conditioning, config.train_cfg)
+        policy_inputs = pipeline.denoiser_inputs(latents, timesteps, conditioning, self.guided_training)
         inputs = policy_inputs
         if pretrain_inputs is not None:  # one batch: the policy's rows, then the pretraining rows
             inputs = {k: torch.cat([v, pretrain_inputs[0][k].to(v.dtype)]) for k, v in policy_inputs.items()}
@@ -1046,15 +1046,22 @@ class TDPOTrainer(DDPOTrainer):
             conditioning = {k: v[rows] for k, v in self._conditioning(samples).items()}
             for j in range(num_steps):
                 latents, timesteps = samples["latents"][rows, j], samples["timesteps"][rows, j]
-                inputs = self.sd_pipeline.denoiser_inputs(latents, timesteps, conditioning, self.config.train_cfg)
+                inputs = self.sd_pipeline.denoiser_inputs(latents, timesteps, conditioning, self.guided_training)
                 with self.autocast():
                     noise_pred = self._guided(self.sd_pipeline.predict(unet, inputs))
                 kl[rows, j] = self._kl_to_reference(noise_pred, inputs, timesteps, latents)
         return kl
 
+    @property
+    def guided_training(self) -> bool:
+        """Whether the update recomputes log-probs with classifier-free guidance: `train_cfg`, and only when sampling
+        guided (`sample_guidance_scale > 1`); unguided sampling is recomputed unguided, bit for bit and at half the
+        denoiser batch."""
+        return self.config.train_cfg and self.config.sample_guidance_scale > 1.0
+
     def _guided(self, prediction: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance of a `(2B, ...)` prediction (unconditional, conditional) -> `(B, ...)`."""
-        if not self.config.train_cfg:
+        if not self.guided_training:
             return prediction
         uncond, cond = prediction.chunk(2)
         return uncond + self.config.sample_guidance_scale * (cond - uncond)

@@ -70,6 +70,12 @@ def main(out_dir: str):
     # ("terminate called without an active exception")
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    # Even so, about 1 run in 7 of this short script still aborted at interpreter exit, after `end_training` had
+    # returned on both ranks (torch's C++ teardown; measured with prints around it). The results are written and
+    # the test checks them; skip the interpreter's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_config
 
 from tdpo_trl import TDPOTrainer
+from tdpo_trl.digits.judges import grayscale, shared_judges
 from tdpo_trl.distribution_rewards import Diversity, StatisticalParity, prompt_groups
 from tdpo_trl.evaluation import score_images
 from tdpo_trl.prompts import PromptSource, RepeatedPrompts
@@ -140,7 +141,7 @@ def test_digit_rewards_by_name():
     rewards, info = parity(images, ["a handwritten digit"] * 8)
     assert rewards.shape == (8,) and -1 <= info["group_score"] <= 0
     diversity = get_reward_function("digit_diversity")
-    assert diversity.default_prompt_repeats == 4
+    assert diversity.default_prompt_repeats == 8
     assert diversity.batch_score(images, ["p"] * 8) > diversity.batch_score(
         images[:1].expand(8, -1, -1, -1), ["p"] * 8
     )
@@ -153,6 +154,26 @@ def test_digit_rewards_by_name():
     # in score_images (held-out evaluation) a distribution reward is its batch score, shared by every image
     scores = score_images({"parity": parity, "brightness": mean_brightness}, images, ["a handwritten digit"] * 8)
     assert torch.allclose(scores["parity"], torch.full((8,), info["group_score"]))
+
+
+def test_digit_diversity_adds_the_accuracy_term_to_each_credit():
+    """A wrong digit loses `accuracy_weight` of its credit; the group score stays the diversity alone."""
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16)
+    labels = shared_judges().classifier(grayscale(images)).argmax(1).tolist()  # what the classifier reads
+    right = [f"the digit {label}" for label in labels]
+    wrong = [f"the digit {(label + 1) % 10}" for label in labels[:4]] + right[4:]
+    diversity = get_reward_function("digit_diversity", accuracy_weight=0.5)
+    plain = get_reward_function("digit_diversity", accuracy_weight=0.0)
+    with torch.no_grad():
+        features = {name: diversity.features(images, prompts) for name, prompts in (("r", right), ("w", wrong))}
+        rewards = {name: diversity.rewards_from_features(f, ["p"] * 8) for name, f in features.items()}
+        pure, pure_info = plain.rewards_from_features(features["r"], ["p"] * 8)
+    torch.testing.assert_close(rewards["r"][0] - rewards["w"][0], torch.tensor([0.5] * 4 + [0.0] * 4))
+    torch.testing.assert_close(rewards["r"][0], pure + 0.5)  # every image read right: +0.5 on the credit
+    assert rewards["r"][1]["group_score"] == rewards["w"][1]["group_score"] == pure_info["group_score"] > 0
+    with pytest.raises(ValueError, match="accuracy_weight.*-1"):
+        get_reward_function("digit_diversity", accuracy_weight=-1)
 
 
 class CountingDiversity(Diversity):

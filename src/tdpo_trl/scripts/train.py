@@ -117,7 +117,8 @@ DIGITS_SKLEARN_JUDGES = {"digit_parity_independent", "digit_accuracy_independent
 # Per distribution reward on digits, what the measured recipe changes (docs/distribution_rewards.md). Parity: the
 # pretraining loss off (it pulls towards the base model's 4s), 120 epochs and a cosine decay of the learning rate (at a
 # constant rate the class shares kept overshooting: held-out TV swung between 0.08 and 0.35 from one evaluation to the
-# next; independent-judge TV over seeds 0.12-0.29 with the decay, 0.25-0.33 without). Diversity: clip range 5e-3.
+# next; independent-judge TV over seeds 0.12-0.29 with the decay, 0.25-0.33 without). Diversity: clip range 5e-3 (the
+# reward itself brings its groups of 8 and its accuracy term, `DigitDiversity`).
 DIGITS_DISTRIBUTION_RECIPES = {
     "digit_parity": dict(pretrain_loss_coef=0.0, num_epochs=120, train_lr_scheduler="cosine"),
     "digit_diversity": dict(train_clip_range=5e-3),

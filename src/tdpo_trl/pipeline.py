@@ -36,6 +36,12 @@ class SampledTrajectories:
     timesteps: torch.Tensor
 
 
+def is_guided(guidance_scale: float) -> bool:
+    """Whether sampling at `guidance_scale` uses classifier-free guidance (as diffusers: only above 1); the update
+    recomputes log-probs the same way."""
+    return guidance_scale > 1.0
+
+
 def default_lora_config() -> LoraConfig:
     """The adapter TRL's DDPO trains: rank 4 on the attention projections."""
     return LoraConfig(
@@ -150,7 +156,7 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
     ) -> SampledTrajectories:  # fmt: skip
         """Sample a batch with TRL's DDIM sampler, recording every step's latent and log-prob. Without guidance
         (`guidance_scale <= 1`, which TRL's sampler does not support) through `sample_ddim`."""
-        if guidance_scale <= 1.0:
+        if not is_guided(guidance_scale):
             return self.sample_ddim(
                 conditioning, negative_conditioning, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, eta=eta,
@@ -184,7 +190,7 @@ class TDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         scheduler.set_timesteps(num_inference_steps, device=device)
         latents = randn_tensor((batch, *self.latent_shape()), device=device, dtype=embeds.dtype)
         latents = latents * scheduler.init_noise_sigma
-        cfg = guidance_scale > 1.0
+        cfg = is_guided(guidance_scale)
         both = {**conditioning, **{f"negative_{k}": v for k, v in negative_conditioning.items()}}
         all_latents, log_probs = [latents], []
         for t in scheduler.timesteps:

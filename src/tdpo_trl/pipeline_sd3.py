@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline import SampledTrajectories, TDPOStableDiffusionPipeline
+from .pipeline import SampledTrajectories, TDPOStableDiffusionPipeline, is_guided
 
 
 class TDPOStableDiffusion3Pipeline(TDPOStableDiffusionPipeline):
@@ -131,7 +131,7 @@ class TDPOStableDiffusion3Pipeline(TDPOStableDiffusionPipeline):
         batch, device = len(embeds), embeds.device
         scheduler.set_timesteps(num_inference_steps, device=device)
         latents = randn_tensor((batch, *self.latent_shape()), device=device, dtype=embeds.dtype)
-        cfg = guidance_scale > 1.0
+        cfg = is_guided(guidance_scale)
         both = {**conditioning, **{f"negative_{k}": v for k, v in negative_conditioning.items()}}
         all_latents, log_probs = [latents], []
         for t in scheduler.timesteps:

@@ -51,6 +51,7 @@ from .model_card import create_model_card
 from .modeling_critic import TimestepCritic, shared_image_features
 from .neuron_reset import ActiveNeuronResetCallback
 from .optimization import EpochLearningRate, OptimizerGroup, clip_and_step
+from .pipeline import is_guided
 from .prompts import RepeatedPrompts, get_prompt_function, has_state
 from .regularizers import (
     PretrainingData,
@@ -1057,7 +1058,7 @@ class TDPOTrainer(DDPOTrainer):
         """Whether the update recomputes log-probs with classifier-free guidance: `train_cfg`, and only when sampling
         guided (`sample_guidance_scale > 1`); unguided sampling is recomputed unguided, bit for bit and at half the
         denoiser batch."""
-        return self.config.train_cfg and self.config.sample_guidance_scale > 1.0
+        return self.config.train_cfg and is_guided(self.config.sample_guidance_scale)
 
     def _guided(self, prediction: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance of a `(2B, ...)` prediction (unconditional, conditional) -> `(B, ...)`."""

@@ -120,3 +120,30 @@ def test_tdpo_trl_train_takes_the_guard(tmp_path):
         train.build_trainer(*train.parse_args([*base, "--guard", '{"jpeg_compressibility": 1}']))
     with pytest.raises(ValueError, match=r"--guard judges \['realism'\] are not among --eval_reward_functions"):
         train.build_trainer(*train.parse_args([*judged, "--guard", '{"realism": 1}']))
+
+
+def test_in_a_multi_task_run_the_guard_watches_the_task_it_names(tmp_path):
+    from test_tasks import two_tasks
+
+    def run(guard, **overrides):
+        config = tiny_config(tmp_path, eval_freq=1, eval_num_prompts=4, num_epochs=1, **overrides)
+        pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=True)
+        trainer = TDPOTrainer(
+            config, None, None, pipeline, tasks=two_tasks(), callbacks=[guard], eval_reward_functions={"darkness": darkness}
+        )
+        trainer.train()
+        return trainer
+
+    guard = OverOptimizationGuard({"darkness": 1.0}, action="mark", task="bright")
+    record = run(guard).log_history[-1]
+    # the "bright" task's target is mean brightness: its start and drop read that task's held-out keys
+    assert guard.start["target"] + guard.start["darkness"] == pytest.approx(1.0, abs=1e-6)
+    assert record["guard/darkness/drop"] == pytest.approx(
+        record["task/bright/heldout/target/mean"] - guard.start["target"], abs=1e-5
+    )
+    assert record["guard/flagged"] == 0 and "task/left/heldout/target/mean" in record
+
+    with pytest.raises(ValueError, match=r"multi-task run needs `task`, one of \['bright', 'left'\]"):
+        run(OverOptimizationGuard({"darkness": 1.0}))
+    with pytest.raises(ValueError, match=r"task 'dark' is not among the trainer's tasks \['bright', 'left'\]"):
+        run(OverOptimizationGuard({"darkness": 1.0}, task="dark"))

@@ -215,6 +215,13 @@ def test_train_command_reads_a_tasks_file(tmp_path):
     lines = (tmp_path / trainer.accelerator.project_dir / "metrics.jsonl").read_text().splitlines()
     assert {"task/bright/reward/mean", "task/left/reward/mean"} <= set(json.loads(lines[-1]))
 
+    guarded = ["--tasks", str(tmp_path / "tasks.json"), "--logdir", str(tmp_path), "--eval_freq", "1"]
+    guarded += ["--eval_reward_functions", "jpeg_compressibility", "--guard", '{"jpeg_compressibility": 1000}']
+    with pytest.raises(ValueError, match=r"set --guard_task to one of \['bright', 'left'\], got None"):
+        train.build_trainer(*train.parse_args(guarded))
+    trainer = train.build_trainer(*train.parse_args([*guarded, "--guard_task", "left"]))
+    assert trainer._guard().task == "left"
+
 
 def test_shipped_digits_tasks_file_loads():
     root = Path(__file__).resolve().parent.parent

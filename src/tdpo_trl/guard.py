@@ -25,11 +25,19 @@ class OverOptimizationGuard(TDPOCallback):
             `heldout/<judge>/mean`), e.g. `{"digit_accuracy": 0.05, "digit_realism": 0.3}`.
         action: `"stop"` ends training after the first flagged evaluation; `"mark"` trains on.
         lower_is_better: judges for which lower is better (e.g. a distance); their rise is the drop.
+        task: in a multi-task run, the task whose held-out evaluation is watched (`task/<task>/heldout/...`); needed
+            there, since each task has its own target. Its kept weights are the whole model's, as all tasks share it.
 
     Logged at each held-out evaluation: `guard/flagged` (0/1), `guard/kept_epoch`, `guard/<judge>/drop`.
     """
 
-    def __init__(self, tolerances: dict[str, float], action: str = "stop", lower_is_better: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tolerances: dict[str, float],
+        action: str = "stop",
+        lower_is_better: tuple[str, ...] = (),
+        task: Optional[str] = None,
+    ):
         if not tolerances:
             raise ValueError("OverOptimizationGuard needs at least one judge in `tolerances`")
         for name, tolerance in tolerances.items():
@@ -38,6 +46,8 @@ class OverOptimizationGuard(TDPOCallback):
         if action not in ("stop", "mark"):
             raise ValueError(f"`action` must be 'stop' or 'mark', got {action!r}")
         self.tolerances, self.action, self.lower_is_better = dict(tolerances), action, tuple(lower_is_better)
+        self.task = task
+        self.prefix = ""  # the watched metrics' prefix: `task/<task>/` in a multi-task run
         self.start: Optional[dict[str, float]] = None  # held-out target and judges of the base model
         self.kept_epoch: Optional[int] = None  # -1: the base model
         self.kept_target = -math.inf
@@ -53,16 +63,26 @@ class OverOptimizationGuard(TDPOCallback):
                 f"OverOptimizationGuard judges {sorted(unknown)} are not among the eval rewards "
                 f"{sorted(trainer.eval_reward_functions)}; add them to `eval_reward_functions`"
             )
+        names = [task.name for task in trainer.tasks]
+        if self.task is not None and self.task not in names:
+            raise ValueError(f"OverOptimizationGuard task {self.task!r} is not among the trainer's tasks {names}")
+        if trainer.multi_task:
+            if self.task is None:
+                raise ValueError(f"OverOptimizationGuard in a multi-task run needs `task`, one of {names}")
+            self.prefix = f"task/{self.task}/"
         if self.start is None:  # not on resume: the start is the base model, checkpointed
             scores = trainer.evaluate_heldout()
-            self.start = {name: scores[f"heldout/{name}/mean"] for name in ("target", *self.tolerances)}
+            self.start = {name: scores[self._key(name)] for name in ("target", *self.tolerances)}
             self._keep(trainer, epoch=-1, target=self.start["target"])
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}heldout/{name}/mean"
 
     def drops(self, metrics: dict) -> dict[str, float]:
         """How far each judge fell below its start (positive = worse)."""
         drops = {}
         for name in self.tolerances:
-            change = metrics[f"heldout/{name}/mean"] - self.start[name]
+            change = metrics[self._key(name)] - self.start[name]
             drops[name] = change if name in self.lower_is_better else -change
         return drops
 
@@ -70,7 +90,7 @@ class OverOptimizationGuard(TDPOCallback):
         """Judge one held-out evaluation (`heldout/<name>/mean` metrics) against the start; no weights involved, so
         a recorded history can be replayed. Returns `(flagged, keep)`: whether it is flagged, and whether it is the
         new best unflagged evaluation (recorded as `kept_epoch`)."""
-        target, drops = metrics["heldout/target/mean"], self.drops(metrics)
+        target, drops = metrics[self._key("target")], self.drops(metrics)
         flagged = target > self.start["target"] and any(drops[n] > self.tolerances[n] for n in drops)
         if flagged and self.flagged is None:
             self.flagged = {"epoch": epoch, "target": target, "drops": drops}
@@ -83,7 +103,7 @@ class OverOptimizationGuard(TDPOCallback):
         return flagged, keep
 
     def on_epoch_end(self, trainer, *, epoch: int, metrics: dict, **kwargs):
-        if "heldout/target/mean" not in metrics:
+        if self._key("target") not in metrics:
             return
         flagged, keep = self.assess(epoch, metrics)
         if flagged and self.action == "stop":

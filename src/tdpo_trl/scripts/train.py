@@ -193,6 +193,10 @@ class ScriptArguments:
     guard_lower_is_better: list[str] = field(
         default_factory=list, metadata={"help": "Guard judges for which lower is better (e.g. a distance)."}
     )
+    guard_task: Optional[str] = field(
+        default=None,
+        metadata={"help": "With --tasks: the task whose held-out evaluation the guard watches (its name)."},
+    )
 
     def __post_init__(self):
         check_model_reference(self.pretrained_model, "pretrained_model", tuple(MODEL_DEFAULTS))
@@ -203,7 +207,9 @@ class ScriptArguments:
         """The `OverOptimizationGuard` that `--guard` describes; None without one."""
         if not self.guard:
             return None
-        return OverOptimizationGuard(self.guard, self.guard_action, tuple(self.guard_lower_is_better))
+        return OverOptimizationGuard(
+            self.guard, self.guard_action, tuple(self.guard_lower_is_better), task=self.guard_task
+        )
 
 
 def default_config(model: str = "digits", **overrides) -> TDPOConfig:
@@ -291,10 +297,11 @@ def add_callbacks(trainer: TDPOTrainer, script_args: ScriptArguments, config: TD
     guard = script_args.over_optimization_guard()
     if guard is None:
         return trainer
-    if trainer.multi_task:
+    names = [task.name for task in trainer.tasks]
+    if trainer.multi_task and script_args.guard_task not in names:
         raise ValueError(
-            f"--guard {json.dumps(script_args.guard)} watches one target's held-out evaluation; it does not take "
-            "--tasks (multi-task runs)"
+            f"--guard {json.dumps(script_args.guard)} watches one task's held-out evaluation: set --guard_task to "
+            f"one of {names}, got {script_args.guard_task!r}"
         )
     if not config.eval_freq:
         raise ValueError(f"--guard {json.dumps(script_args.guard)} reads the held-out evaluation: set --eval_freq > 0")

@@ -176,3 +176,7 @@ def test_learning_rate_schedule_per_epoch_and_bit_exact_resume(tmp_path):
     policy = [name for name in one_epoch.initial_state if name.startswith("unet.")]
     assert all(torch.equal(one_epoch.initial_state[n], trained_state(one_epoch)[n]) for n in policy)
     assert not all(torch.equal(interrupted.initial_state[n], trained_state(interrupted)[n]) for n in policy)
+    # past num_epochs the cosine factor would rise again (a second period): refused before anything is trained
+    with pytest.raises(ValueError, match=r"train\(epochs=5\) goes past num_epochs=4, where the 'cosine'"):
+        straight.train(5)
+    assert len(straight.log_history) == 4

@@ -1195,6 +1195,11 @@ class TDPOTrainer(DDPOTrainer):
     def train(self, epochs: Optional[int] = None):
         """Train until epoch `epochs` (default `config.num_epochs`), continuing from a resumed checkpoint."""
         epochs = self.config.num_epochs if epochs is None else epochs
+        if epochs > self.config.num_epochs and self.config.train_lr_scheduler != "constant":
+            raise ValueError(
+                f"train(epochs={epochs}) goes past num_epochs={self.config.num_epochs}, where the "
+                f"{self.config.train_lr_scheduler!r} learning-rate schedule ends; set num_epochs to {epochs} instead"
+            )
         global_step = self.progress.global_step
         bar = tqdm(
             range(self.progress.epoch, epochs),

@@ -273,3 +273,42 @@ def test_reward_kwargs_reach_the_reward_or_are_refused_by_name(tmp_path):
         build_trainer(*parse_args(["--reward", "digit_parity", "--reward_kwargs", '{"confidence": 0.8}']))
     with pytest.raises(ValueError, match="is a function and takes no keyword arguments"):
         get_reward_function("tdpo_trl.tiny_models:mean_brightness", scale=2)
+
+
+def test_a_weighted_sum_with_a_distribution_component_credits_each_sample_with_both():
+    from tdpo_trl.rewards import WeightedSum
+
+    torch.manual_seed(0)
+    images, prompts = torch.rand(8, 3, 8, 8), ["a cat"] * 4 + ["a dog"] * 4
+    diversity = Diversity(encoder=flat_encoder)
+    mixed = WeightedSum({"diversity": (diversity, 2.0), "bright": (mean_brightness, 0.5)})
+    assert mixed.is_distribution_level and mixed.default_prompt_repeats == 4
+    assert not WeightedSum({"bright": (mean_brightness, 1.0)}).is_distribution_level
+
+    rewards, info = mixed(images, prompts)
+    credits, alone = diversity(images, prompts)
+    brightness = mean_brightness(images)[0]
+    assert torch.allclose(rewards, 2 * credits + 0.5 * brightness, atol=1e-6)
+    assert torch.allclose(info["components"]["diversity"], credits) and torch.allclose(
+        info["components"]["bright"], brightness
+    )
+    assert info["group_score"] == pytest.approx(2 * alone["group_score"] + 0.5 * brightness.mean().item(), abs=1e-6)
+    assert mixed.batch_score(images, prompts) == pytest.approx(info["group_score"], abs=1e-6)
+    with pytest.raises(ValueError, match=r"features of shape \(8, 5\) do not match its components' widths \[192, 1\]"):
+        mixed.rewards_from_features(torch.zeros(8, 5), prompts)
+
+
+def test_trainer_trains_on_a_weighted_sum_with_a_distribution_component(tmp_path, tiny_pipeline):
+    from tdpo_trl.rewards import WeightedSum
+
+    reward = WeightedSum({"diversity": (Diversity(encoder=flat_encoder), 1.0), "bright": (mean_brightness, 0.1)})
+    prompts = PromptSource(["a cat", "a dog", "a cow"], seed=0)
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1), reward, prompts, tiny_pipeline)
+    assert trainer.prompt_repeats == [4]
+    trainer.train()
+    record = trainer.log_history[-1]
+    assert {"reward/group_score", "reward/diversity/mean", "reward/bright/mean"} <= set(record)
+    # the logged components are each sample's own: their weighted means add up to the mean reward
+    expected = record["reward/diversity/mean"] + 0.1 * record["reward/bright/mean"]
+    assert record["reward/mean"] == pytest.approx(expected, abs=1e-6)
+    assert record["reward/group_score"] > 0.1 * record["reward/bright/mean"]  # plus the groups' diversity (> 0)

@@ -129,7 +129,13 @@ def test_in_a_multi_task_run_the_guard_watches_the_task_it_names(tmp_path):
         config = tiny_config(tmp_path, eval_freq=1, eval_num_prompts=4, num_epochs=1, **overrides)
         pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=True)
         trainer = TDPOTrainer(
-            config, None, None, pipeline, tasks=two_tasks(), callbacks=[guard], eval_reward_functions={"darkness": darkness}
+            config,
+            None,
+            None,
+            pipeline,
+            tasks=two_tasks(),
+            callbacks=[guard],
+            eval_reward_functions={"darkness": darkness},
         )
         trainer.train()
         return trainer

@@ -110,8 +110,13 @@ def test_two_processes_normalize_and_score_distributions_as_one(tmp_path):
     for two in ranks:
         assert two["normalized"] == one["normalized"]
         assert two["normalized"][5] == 0.0, "the NaN reward gets advantage 0"
-        for name in ("diversity", "parity"):
+        for name in ("diversity", "parity", "mixed", "mixed/diversity", "mixed/brightness"):
             assert two[name] == pytest.approx(one[name], abs=1e-6), name
+        for name in ("diversity", "parity", "mixed"):
             assert two[f"{name}_group_score"] == pytest.approx(one[f"{name}_group_score"], abs=1e-6)
+        # a WeightedSum with a distribution-level component: 2 x the diversity credit + 0.5 x the brightness
+        assert two["mixed/diversity"] == pytest.approx(one["diversity"], abs=1e-6)
+        expected = [2 * d + 0.5 * b for d, b in zip(two["mixed/diversity"], two["mixed/brightness"])]
+        assert two["mixed"] == pytest.approx(expected, abs=1e-6)
     finite = [r for i, r in enumerate(one["normalized"]) if i != 5]
     assert abs(sum(finite)) < 1e-4 and any(r != 0 for r in one["parity"])

@@ -582,7 +582,15 @@ class TDPOTrainer(DDPOTrainer):
         rewards, info = check_reward_output(function.rewards_from_features(gathered, all_prompts), len(gathered), name)
         local = self._local_rows(rewards.to(self.accelerator.device))  # (n_local,)
         sizes = [len(pair[0]) for pair in prompt_image_pairs]
-        return list(local.split(sizes)), [info] * len(sizes)
+        if not (isinstance(info, dict) and "components" in info):
+            return list(local.split(sizes)), [info] * len(sizes)
+        # per-sample component scores (a `WeightedSum`'s) of the whole batch -> this process's rows, per sampled batch
+        parts = {
+            name: self._local_rows(v.to(self.accelerator.device)).split(sizes)
+            for name, v in info["components"].items()
+        }
+        infos = [{**info, "components": {name: split[b] for name, split in parts.items()}} for b in range(len(sizes))]
+        return list(local.split(sizes)), infos
 
     # ------------------------------------------------------------------ advantages
 

@@ -14,6 +14,7 @@ import torch
 
 from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
 from tdpo_trl.distribution_rewards import Diversity, StatisticalParity
+from tdpo_trl.rewards import WeightedSum
 from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
 
 
@@ -54,6 +55,9 @@ def main(out_dir: str):
     for name, reward in {
         "diversity": Diversity(encoder=lambda x: x.flatten(1)),
         "parity": StatisticalParity(brightness_class),
+        "mixed": WeightedSum(
+            {"diversity": (Diversity(encoder=lambda x: x.flatten(1)), 2.0), "brightness": (mean_brightness, 0.5)}
+        ),
     }.items():
         my_images, my_prompts = images[mine], prompts[mine]
         half = len(my_prompts) // 2  # two sampled batches per process
@@ -64,6 +68,10 @@ def main(out_dir: str):
         local_rewards, metadata = trainer._distribution_rewards(reward, pairs)
         results[name] = trainer.accelerator.gather(torch.cat(local_rewards)).cpu().tolist()
         results[f"{name}_group_score"] = metadata[0]["group_score"]
+        if "components" in metadata[0]:  # this process's rows of each component, per sampled batch, gathered
+            for component in metadata[0]["components"]:
+                mine_scores = torch.cat([m["components"][component] for m in metadata])
+                results[f"{name}/{component}"] = trainer.accelerator.gather(mine_scores).cpu().tolist()
     with open(os.path.join(out_dir, f"gather_{processes}procs_rank{rank}.json"), "w") as f:
         json.dump(results, f)
     # as `train()` does: without it the process group is torn down at interpreter exit, which sometimes aborts

@@ -79,7 +79,7 @@ def distill_decoder(path: str, steps: int, seed: int = 0, fit_samples: int = 16)
 
 
 def run_one(variant: str, fraction: float, seed: int, args, decoder_path: str) -> dict:
-    from tdpo_trl.scripts.train import ScriptArguments, build_trainer, default_config
+    from tdpo_trl.commands.train import ScriptArguments, build_trainer, default_config
 
     fields = {k: (decoder_path if v == "<distilled>" else v) for k, v in VARIANTS[variant].items()}
     config = default_config(

@@ -81,7 +81,7 @@ def run_one(variant: str, seed: int, args) -> dict:
     """Train one variant (in this process) and return its held-out path, timings and peak memory."""
     import torch
 
-    from tdpo_trl.scripts.train import ScriptArguments, build_trainer, default_config
+    from tdpo_trl.commands.train import ScriptArguments, build_trainer, default_config
 
     regularizers_off = dict(pretrain_loss_coef=0.0, kl_coef=0.0)  # the demo's defaults turn the pretraining loss on
     fields = {**regularizers_off, **parse_variant(variant), **json.loads(args.overrides)}

@@ -6,7 +6,7 @@ python examples/demo.py --use_critic false  # the same run as DDPO
 
 import sys
 
-from tdpo_trl.scripts.demo import main, parse_args
+from tdpo_trl.commands.demo import main, parse_args
 
 
 if __name__ == "__main__":

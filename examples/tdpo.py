@@ -10,14 +10,14 @@
         --train_batch_size 2 --train_gradient_accumulation_steps 2 --mixed_precision fp16
     torchrun --nproc_per_node 2 examples/tdpo.py  # two processes (add ACCELERATE_USE_CPU=1 on CPU)
 
-Every `TDPOConfig` field is a flag (`--help` lists them). The script is `tdpo_trl.scripts.train`, which reads
+Every `TDPOConfig` field is a flag (`--help` lists them). The script is `tdpo_trl.commands.train`, which reads
 arguments (`ScriptArguments`, `TDPOConfig`), loads the pipeline, reward and prompts by name, and calls
 `TDPOTrainer.train()`; read it to see the library used from Python.
 """
 
 import sys
 
-from tdpo_trl.scripts.train import main, parse_args
+from tdpo_trl.commands.train import main, parse_args
 
 
 if __name__ == "__main__":

@@ -166,10 +166,10 @@ def test_the_critic_embeds_only_the_steps_that_will_be_trained(tmp_path):
     torch.testing.assert_close(half["returns"], final[:, None] * 0.9 ** (3 - step_index).float())
     assert torch.isfinite(half["advantages"]).all()
     # and the kept latents are the ones sampled at those steps: recomputed log-probs equal the recorded ones
-    conditioning = trainer._conditioning(half)
+    conditioning = half.conditioning(trainer.negative_conditioning.keys())
     with torch.no_grad():
         for j in range(2):
-            _, approx_kl, _, _ = trainer.calculate_loss(
+            _, approx_kl, _ = trainer.calculate_loss(
                 half["latents"][:, j], half["timesteps"][:, j], half["next_latents"][:, j], half["log_probs"][:, j],
                 torch.ones(8), conditioning,
             )  # fmt: skip

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from tdpo_trl.cli import main as cli_main
+from tdpo_trl.commands import demo, train
+from tdpo_trl.commands.cli import main as cli_main
 from tdpo_trl.digits import eval_prompts, load_digits_pipeline
-from tdpo_trl.scripts import demo, train
 
 
 SHORT = ["--num_epochs", "2", "--sample_batch_size", "8", "--sample_num_batches_per_epoch", "1",
@@ -20,7 +20,7 @@ SHORT = ["--num_epochs", "2", "--sample_batch_size", "8", "--sample_num_batches_
 
 
 def run_demo(output_dir, *extra):
-    command = [sys.executable, "-m", "tdpo_trl.cli", "demo", "--output_dir", str(output_dir), *SHORT, *extra]
+    command = [sys.executable, "-m", "tdpo_trl.commands.cli", "demo", "--output_dir", str(output_dir), *SHORT, *extra]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"}
     )

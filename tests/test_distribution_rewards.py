@@ -7,10 +7,9 @@ from conftest import tiny_config
 
 from tdpo_trl import TDPOTrainer
 from tdpo_trl.digits.judges import grayscale, shared_judges
-from tdpo_trl.distribution_rewards import Diversity, StatisticalParity, prompt_groups
 from tdpo_trl.evaluation import score_images
 from tdpo_trl.prompts import PromptSource, RepeatedPrompts
-from tdpo_trl.rewards import get_reward_function
+from tdpo_trl.rewards import Diversity, StatisticalParity, get_reward_function, prompt_groups
 from tdpo_trl.tiny_models import mean_brightness
 
 
@@ -232,7 +231,7 @@ def test_prompt_repeats_larger_than_the_batch_or_not_dividing_it(tmp_path, tiny_
 
 
 def test_train_judges_digits_distribution_rewards_independently(tmp_path):
-    from tdpo_trl.scripts.train import parse_args
+    from tdpo_trl.commands.train import parse_args
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit\n")
@@ -251,7 +250,7 @@ def test_train_judges_digits_distribution_rewards_independently(tmp_path):
 
 
 def test_train_command_shows_the_group_score_of_a_distribution_reward(tmp_path, capsys):
-    from tdpo_trl import cli
+    from tdpo_trl.commands import cli
 
     cli.main([
         "train", "--pretrained_model", "tiny", "--reward", "digit_pixel_diversity", "--num_epochs", "1",
@@ -264,7 +263,7 @@ def test_train_command_shows_the_group_score_of_a_distribution_reward(tmp_path, 
 
 
 def test_reward_kwargs_reach_the_reward_or_are_refused_by_name(tmp_path):
-    from tdpo_trl.scripts.train import build_trainer, parse_args
+    from tdpo_trl.commands.train import build_trainer, parse_args
 
     argv = ["--pretrained_model", "tiny", "--reward", "digit_parity", "--reward_kwargs", '{"min_confidence": 0.8}']
     trainer = build_trainer(*parse_args([*argv, "--logdir", str(tmp_path), "--num_epochs", "1"]))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import cat_prompt, tiny_config
 
-from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, cli
+from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl.commands import cli
 from tdpo_trl.evaluation import mean_std, sample_images, score_images
 from tdpo_trl.rewards import jpeg_compressibility
 from tdpo_trl.tiny_models import left_minus_right_brightness, mean_brightness, tiny_stable_diffusion
@@ -130,4 +131,4 @@ def test_trainer_scores_training_samples_and_a_heldout_set(tmp_path, tiny_pipeli
     again = trainer.evaluate_heldout()
     assert again["heldout/target/mean"] == second["heldout/target/mean"]
     assert torch.equal(state, torch.random.get_rng_state())
-    assert len(trainer._task_heldout_prompts(0)) == 3
+    assert len(trainer.heldout.prompts(0)) == 3

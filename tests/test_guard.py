@@ -90,7 +90,7 @@ def test_bad_guard_settings_are_named(tmp_path):
 
 
 def test_tdpo_trl_train_takes_the_guard(tmp_path):
-    from tdpo_trl.scripts import train
+    from tdpo_trl.commands import train
 
     base = ["--pretrained_model", "tiny", "--num_epochs", "2", "--logdir", str(tmp_path), "--eval_num_prompts", "2"]
     judged = [*base, "--eval_freq", "1", "--eval_reward_functions", "jpeg_compressibility"]

@@ -11,7 +11,8 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 from tdpo_trl import TDPOStableDiffusion3Pipeline, TDPOStableDiffusionXLPipeline, TDPOTrainer
 from tdpo_trl.evaluation import sample_images
-from tdpo_trl.pipeline import LORA_WEIGHT_NAME
+from tdpo_trl.pipelines import LORA_WEIGHT_NAME
+from tdpo_trl.rollout import Rollout
 from tdpo_trl.tiny_models import (
     TINY_TRAINING_DEFAULTS,
     left_minus_right_brightness,
@@ -89,10 +90,10 @@ def test_recomputed_log_probs_equal_the_sampled_ones(tmp_path, family, use_criti
     samples, _ = trainer._generate_samples(1, 4)
     sample = samples[0]
     assert {"pooled_prompt_embeds", "negative_pooled_prompt_embeds"} <= set(sample)
-    conditioning = trainer._conditioning(sample)
+    conditioning = sample.conditioning(trainer.negative_conditioning.keys())
     with torch.no_grad():
         for j in range(config.sample_num_steps):
-            _, approx_kl, clipfrac, _ = trainer.calculate_loss(
+            _, approx_kl, clipfrac = trainer.calculate_loss(
                 sample["latents"][:, j], sample["timesteps"][:, j], sample["next_latents"][:, j],
                 sample["log_probs"][:, j], torch.ones(4), conditioning,
             )  # fmt: skip
@@ -147,7 +148,8 @@ def test_the_final_step_is_left_out_where_the_family_or_the_config_says(tmp_path
     sdxl = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("sdxl"))
     assert sdxl.num_train_timesteps == 1  # int(3 * 0.5)
     samples = sdxl._generate_samples(1, 4)[0][0]
-    batches = sdxl._shuffle_and_batch({k: samples[k] for k in ("timesteps", "latents", "log_probs")})
+    rollout = Rollout({k: samples[k] for k in ("timesteps", "latents", "log_probs")})
+    batches = sdxl.trained_steps.shuffle_and_batch(rollout, sdxl.config.train_batch_size)
     final = sdxl.sd_pipeline.scheduler.timesteps[-1]
     assert all((batch["timesteps"][:, 0] != final).all() for batch in batches)
     with pytest.raises(ValueError, match=r"`sample_num_steps` - 1 \(the final step untrained\)"):
@@ -166,7 +168,7 @@ def test_lora_saved_for_diffusers_reproduces_the_trained_images(tmp_path, family
 
     settings = dict(seed=7, num_inference_steps=4, guidance_scale=5.0, eta=1.0, batch_size=2)
     prompts = ["a photo of a cat", "a dog"]
-    trained = sample_images(trainer.sd_pipeline.sd_pipeline, prompts, **settings)
+    trained = sample_images(trainer.sd_pipeline.diffusers_pipeline, prompts, **settings)
     loaded = FAMILIES[family][0]()  # a fresh base
     base = sample_images(loaded, prompts, **settings)
     loaded.load_lora_weights(str(tmp_path / "saved"), weight_name=LORA_WEIGHT_NAME)
@@ -201,7 +203,7 @@ def test_resume_is_bit_exact(tmp_path, family):
 def test_the_command_line_picks_the_family_from_the_model_folder(tmp_path):
     from diffusers import DDPMPipeline, UNet2DModel
 
-    from tdpo_trl.scripts.train import model_family
+    from tdpo_trl.commands.train import model_family
 
     tiny_stable_diffusion_xl().save_pretrained(tmp_path / "sdxl")
     assert model_family(str(tmp_path / "sdxl")) is TDPOStableDiffusionXLPipeline
@@ -215,7 +217,7 @@ def test_the_command_line_picks_the_family_from_the_model_folder(tmp_path):
 
 
 def test_tdpo_trl_train_runs_the_tiny_sdxl(tmp_path):
-    from tdpo_trl.scripts.train import main, parse_args
+    from tdpo_trl.commands.train import main, parse_args
 
     main(*parse_args(["--pretrained_model", "tiny-sdxl", "--num_epochs", "1", "--sample_batch_size", "4",
                       "--sample_num_batches_per_epoch", "1", "--train_batch_size", "4",

@@ -8,6 +8,7 @@ from datasets import Dataset
 from trl.models.modeling_sd_base import scheduler_step
 
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, TimestepCritic
+from tdpo_trl.commands.train import default_config
 from tdpo_trl.digits import (
     WORDS,
     label_of,
@@ -18,16 +19,15 @@ from tdpo_trl.digits import (
     train_test_split,
 )
 from tdpo_trl.digits.judges import grayscale
+from tdpo_trl.pipelines import ddim_transition
 from tdpo_trl.prompts import get_prompt_function
 from tdpo_trl.regularizers import (
     PretrainingData,
-    ddim_transition,
     load_pretraining_dataset,
     pretraining_inputs,
     transition_kl,
 )
 from tdpo_trl.rewards import get_reward_function
-from tdpo_trl.scripts.train import default_config
 from tdpo_trl.tiny_models import left_minus_right_brightness, tiny_stable_diffusion
 
 
@@ -157,7 +157,7 @@ def test_kl_to_the_reference_is_zero_before_training_and_positive_after(tmp_path
     def kl_now():
         args = (latents, timesteps, next_latents, torch.zeros(4), torch.zeros(4), conditioning)
         with torch.no_grad():
-            return trainer.calculate_loss(*args)[3]["policy/kl_ref"].item()
+            return trainer._step_loss(*args)[3]["policy/kl_ref"].item()
 
     assert kl_now() == 0.0  # the LoRA starts as the identity
     trainer.train()
@@ -240,9 +240,9 @@ def test_kl_as_a_per_step_reward_penalty(tmp_path, use_critic):
 
     def spy(samples, normalized):
         kl = samples["kl_ref"].clone()
-        stats = original(samples, normalized)
+        samples, stats = original(samples, normalized)
         computed.append((kl, torch.as_tensor(normalized), samples["advantages"].clone(), samples.get("returns")))
-        return stats
+        return samples, stats
 
     trainer._compute_advantages = spy
     trainer.train()

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
 from tdpo_trl.checkpointing import CheckpointError, list_checkpoints
-from tdpo_trl.cli import entry_point
+from tdpo_trl.commands.cli import entry_point
+from tdpo_trl.rewards import call_reward_function
 from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
-from tdpo_trl.validation import call_reward_function, check_prompt_output
+from tdpo_trl.validation import check_prompt_output
 
 
 def new_pipeline():
@@ -116,13 +117,13 @@ def test_a_whole_batch_of_failed_rewards_stops_with_a_clear_error_and_keeps_chec
 
 def test_a_non_finite_loss_skips_the_optimizer_step(tmp_path, caplog):
     trainer = brightness_trainer(tmp_path, num_epochs=1)
-    calculate_loss = trainer.calculate_loss
+    step_loss = trainer._step_loss
 
     def nan_policy_loss(*args, **kwargs):
-        loss, approx_kl, clipfrac, terms = calculate_loss(*args, **kwargs)
+        loss, approx_kl, clipfrac, terms = step_loss(*args, **kwargs)
         return loss * float("nan"), approx_kl, clipfrac, terms
 
-    trainer.calculate_loss = nan_policy_loss
+    trainer._step_loss = nan_policy_loss
     before = trained_tensors(trainer)
     trainer.train()
 
@@ -505,7 +506,7 @@ def test_debug_shows_the_traceback(monkeypatch):
 def test_the_console_command_exits_2_with_one_error_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TDPO_TRL_DEBUG"}
     result = subprocess.run(
-        [sys.executable, "-m", "tdpo_trl.cli", "demo", "--output_dir", "/proc/nope"],
+        [sys.executable, "-m", "tdpo_trl.commands.cli", "demo", "--output_dir", "/proc/nope"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2

@@ -7,7 +7,7 @@ import torch
 from conftest import cat_prompt, tiny_config
 from transformers import CLIPVisionModelWithProjection
 
-import tdpo_trl.rewards as rewards
+import tdpo_trl.rewards.models as reward_models
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, ValueHead
 from tdpo_trl.modeling_critic import CLIP_MEAN, CLIP_STD, clip_pixel_values
 from tdpo_trl.rewards import (
@@ -68,7 +68,7 @@ def aesthetic_files(tmp_path, tiny_clip_path, monkeypatch):
         requested.append((repo_id, filename))
         return str(path)
 
-    monkeypatch.setattr(rewards, "hf_hub_download", download)
+    monkeypatch.setattr(reward_models, "hf_hub_download", download)
     return head, requested
 
 
@@ -234,7 +234,7 @@ def test_hpsv2_wiring_with_a_stand_in_open_clip(tmp_path, monkeypatch):
     torch.save({"state_dict": trained.state_dict()}, path)
     requested, created = [], []
     monkeypatch.setattr(
-        rewards, "hf_hub_download", lambda repo, name, **kw: requested.append((repo, name)) or str(path)
+        reward_models, "hf_hub_download", lambda repo, name, **kw: requested.append((repo, name)) or str(path)
     )
     fake = types.ModuleType("open_clip")
     fake.create_model_and_transforms = lambda name, pretrained=None: (
@@ -298,7 +298,7 @@ def test_hpsv2_on_a_tiny_open_clip_model(tmp_path, monkeypatch):
     trained = open_clip.create_model("TinyHPS", pretrained=None).eval()
     path = tmp_path / "HPS_v2_compressed.pt"
     torch.save({"state_dict": trained.state_dict()}, path)
-    monkeypatch.setattr(rewards, "hf_hub_download", lambda repo, name, **kw: str(path))
+    monkeypatch.setattr(reward_models, "hf_hub_download", lambda repo, name, **kw: str(path))
 
     images, prompts = random_images(3), ["a cat", "a dog", "a photo of a cat"]
     scores, _ = get_reward_function("hpsv2", model_name="TinyHPS", batch_size=2)(images, prompts)

@@ -39,7 +39,7 @@ def images(pipeline) -> torch.Tensor:
 
 
 def trained_images(trainer) -> torch.Tensor:
-    pipeline = trainer.sd_pipeline.sd_pipeline
+    pipeline = trainer.sd_pipeline.diffusers_pipeline
     pipeline.set_progress_bar_config(disable=True)
     return images(pipeline)
 

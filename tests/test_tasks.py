@@ -203,7 +203,7 @@ def test_resume_in_the_middle_of_a_multi_task_run_is_bit_exact(tmp_path):
 
 
 def test_train_command_reads_a_tasks_file(tmp_path):
-    from tdpo_trl.scripts import train
+    from tdpo_trl.commands import train
 
     tasks = [
         {"name": "bright", "reward": "tdpo_trl.tiny_models:mean_brightness", "prompts": "simple_animals"},

@@ -10,6 +10,7 @@ from conftest import cat_prompt, tiny_config
 from trl import DDPOTrainer
 
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl.rollout import Rollout
 from tdpo_trl.tiny_models import (
     TINY_TRAINING_DEFAULTS,
     left_minus_right_brightness,
@@ -114,8 +115,8 @@ def test_advantages_are_returns_minus_sampled_values(tmp_path, tiny_pipeline):
     config = tiny_config(tmp_path, gamma=0.5, normalize_temporal_advantages=False)
     trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     values = torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.5, 1.0]])
-    samples = {"timesteps": torch.zeros(2, 3, dtype=torch.long), "values": values}
-    stats = trainer._compute_advantages(samples, np.array([1.0, -1.0]))
+    samples = Rollout({"timesteps": torch.zeros(2, 3, dtype=torch.long), "values": values})
+    samples, stats = trainer._compute_advantages(samples, np.array([1.0, -1.0]))
     returns = torch.tensor([[0.25, 0.5, 1.0], [-0.25, -0.5, -1.0]])
     torch.testing.assert_close(samples["returns"], returns)
     torch.testing.assert_close(samples["advantages"], returns - values)
@@ -219,10 +220,10 @@ def test_sampling_without_guidance_recomputes_exact_log_probs(tmp_path, tiny_pip
     config = tiny_config(tmp_path, sample_guidance_scale=1.0)
     trainer = TDPOTrainer(config, mean_brightness, cat_prompt, tiny_pipeline)
     (sample,), _ = trainer._generate_samples(1, 4)
-    conditioning = trainer._conditioning(sample)
+    conditioning = sample.conditioning(trainer.negative_conditioning.keys())
     with torch.no_grad():
         for j in range(config.sample_num_steps):
-            _, approx_kl, _, _ = trainer.calculate_loss(
+            _, approx_kl, _ = trainer.calculate_loss(
                 sample["latents"][:, j], sample["timesteps"][:, j], sample["next_latents"][:, j],
                 sample["log_probs"][:, j], torch.ones(4), conditioning,
             )  # fmt: skip

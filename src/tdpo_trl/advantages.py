@@ -43,6 +43,26 @@ def batch_normalize(rewards: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     return ((rewards - rewards.mean()) / (rewards.std() + eps)).astype(np.float32)
 
 
+def normalize_rewards(
+    rewards: np.ndarray, prompts: Optional[np.ndarray], tracker=None, when: str = "", reward: str = ""
+) -> np.ndarray:
+    """Normalized rewards `(N,)`: per prompt by `tracker` (TRL's `PerPromptStatTracker`, given `prompts`), else over
+    the batch (`batch_normalize`). A NaN or infinite reward is left out of the statistics and normalized to 0 (its
+    sample gets advantage 0); all of them non-finite is an error naming `when` and the `reward`."""
+    finite = np.isfinite(rewards)
+    if not finite.any():
+        raise ValueError(
+            f"every reward of {when} is NaN or infinite ({len(rewards)} samples, first values "
+            f"{rewards[:4].tolist()}); check the reward function {reward!r}"
+        )
+    normalized = np.zeros_like(rewards)  # a sample whose reward failed contributes nothing
+    if tracker is not None:
+        normalized[finite] = tracker.update(prompts[finite], rewards[finite])
+    else:
+        normalized[finite] = batch_normalize(rewards[finite])
+    return normalized
+
+
 def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / (std + eps) over all entries (population std, as numpy)."""
     return (x - x.mean()) / (x.std(unbiased=False) + eps)

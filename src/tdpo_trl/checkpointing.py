@@ -185,7 +185,9 @@ def _index(checkpoint: str) -> int:
     return int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
 
 
-def save_checkpoint(accelerator, checkpoint_dir: str, index: int, limit=None, structure: Optional[dict] = None) -> str:
+def write_checkpoint(
+    accelerator, checkpoint_dir: str, index: int, limit=None, structure: Optional[dict] = None
+) -> str:
     """Write `checkpoint_<index>` atomically on every process (its manifest last), then keep the newest `limit`."""
     final = os.path.join(checkpoint_dir, f"checkpoint_{index}")
     partial = os.path.join(checkpoint_dir, f".checkpoint_{index}.partial")
@@ -205,3 +207,42 @@ def save_checkpoint(accelerator, checkpoint_dir: str, index: int, limit=None, st
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def model_structure(use_lora: bool, denoiser, critic_head=None, critic_encoder: Optional[str] = None) -> dict:
+    """What a checkpoint's tensors must fit, by `TDPOConfig` field name: the LoRA's shape on `denoiser` (if it has
+    one) and the critic head's (if any), as the manifest records them."""
+    structure = {"use_lora": bool(use_lora), "use_critic": critic_head is not None}
+    lora = denoiser.peft_config.get("default") if getattr(denoiser, "peft_config", None) else None
+    if lora is not None:
+        structure["lora_rank"] = int(lora.r)
+        structure["lora_alpha"] = float(lora.lora_alpha)
+        structure["lora_target_modules"] = sorted(lora.target_modules)
+    if critic_head is not None:
+        structure["critic_encoder"] = critic_encoder
+        structure["critic_input_dim"] = int(critic_head.input_dim)
+        structure["critic_hidden_sizes"] = [int(size) for size in critic_head.hidden_sizes]
+        structure["critic_activation"] = critic_head.activation
+    return structure
+
+
+def register_denoiser_hooks(accelerator, pipeline, denoiser: torch.nn.Module):
+    """Checkpoints hold the (prepared) `denoiser` as `pipeline` saves it (`save_denoiser`: the LoRA in diffusers
+    format, or the whole denoiser) instead of accelerate's `model.safetensors`; the other models stay accelerate's."""
+
+    def index_of(models) -> int:
+        target = accelerator.unwrap_model(denoiser)
+        return next(i for i, m in enumerate(models) if accelerator.unwrap_model(m) is target)
+
+    def save(models, weights, output_dir):
+        index = index_of(models)
+        pipeline.save_denoiser(accelerator.unwrap_model(models[index]), output_dir)
+        weights.pop(index)
+
+    def load(models, input_dir):
+        index = index_of(models)
+        pipeline.load_denoiser(accelerator.unwrap_model(models[index]), input_dir)
+        models.pop(index)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)

@@ -15,16 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpointing import list_checkpoints
-from .distribution_rewards import is_distribution_reward
-from .pipeline import LORA_WEIGHT_NAME
-from .validation import call_reward_function
+from .pipelines import LORA_WEIGHT_NAME
+from .rewards import call_reward_function, is_distribution_reward
 
 
 @torch.no_grad()
 def score_images(reward_functions: dict[str, Callable], images, prompts, metadata=None) -> dict[str, torch.Tensor]:
     """`{name: (B,) float32 scores}` of `images` under every reward function (each output checked).
 
-    A distribution-level reward (`tdpo_trl.distribution_rewards`) is scored by its batch score (e.g. minus the
+    A distribution-level reward (`tdpo_trl.rewards`) is scored by its batch score (e.g. minus the
     total-variation distance to the target distribution), which every image of the batch shares.
     """
     metadata = metadata if metadata is not None else [{}] * len(images)

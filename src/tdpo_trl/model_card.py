@@ -1,8 +1,11 @@
 """Model cards for adapters trained with `TDPOTrainer`, built with huggingface_hub's `ModelCard`."""
 
+import os
 from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from .rewards import reward_name
 
 
 TAGS = ["text-to-image", "diffusers", "lora", "trl", "ddpo", "tdpo", "reinforcement-learning"]
@@ -191,3 +194,23 @@ def create_model_card(
         version=version,
         citations=CITATIONS,
     )
+
+
+def trained_reward_names(tasks: list, multi_task: bool) -> list[str]:
+    """The trained rewards, for the model card (a combined reward lists its components; with several tasks
+    `<task>: <reward>`)."""
+    names = []
+    for task in tasks:
+        function = task.reward_function
+        found = getattr(function, "reward_names", None)
+        found = list(found) if found else [reward_name(function)]
+        names.extend(f"{task.name}: {n}" for n in found) if multi_task else names.extend(found)
+    return names
+
+
+def hub_base_model(pipeline) -> Optional[str]:
+    """The base model's Hub id, if `pipeline` was loaded by id (not from a local folder or built in memory)."""
+    name = getattr(pipeline, "pretrained_model", None)
+    if not isinstance(name, str) or not name or os.path.exists(name):  # a local folder is not a Hub id
+        return None
+    return name

@@ -9,7 +9,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from accelerate.logging import get_logger
 from torch import nn
+
+from .loading import load_pretrained
+from .registry import Registry
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -158,18 +162,18 @@ def shared_image_features(rewards, name_or_path: str) -> Optional[nn.Module]:
     return None
 
 
+logger = get_logger(__name__)
+
+# name -> `factory(latent_shape) -> nn.Module`: critic encoders known by name (plugins add theirs, e.g. the digits
+# demo's "digit_classifier"); any other `critic_encoder` is a CLIP checkpoint id or folder
+CRITIC_ENCODERS = Registry("critic encoder")
+CRITIC_ENCODERS.register("latents", LatentFeatures)
+
+
 def encoder_from_config(config, latent_shape: tuple[int, ...]) -> nn.Module:
     """The frozen feature extractor that `config.critic_encoder` names."""
-    if config.critic_encoder == "latents":
-        return LatentFeatures(latent_shape)
-    if config.critic_encoder == "digit_classifier":  # the features the digits' ink reward reads
-        import copy
-
-        from .digits.judges import DigitClassifierFeatures, shared_judges
-
-        return DigitClassifierFeatures(copy.deepcopy(shared_judges().classifier))
-    from .loading import load_pretrained
-
+    if config.critic_encoder in CRITIC_ENCODERS:
+        return CRITIC_ENCODERS[config.critic_encoder](latent_shape)
     return load_pretrained(CLIPImageFeatures.from_pretrained, config.critic_encoder, "critic_encoder")
 
 
@@ -237,5 +241,59 @@ class TimestepCritic(nn.Module):
             features.append(self.encoder(chunk))
         return torch.cat(features)
 
+    @torch.no_grad()
+    def value_steps(self, head: nn.Module, latents, steps, task_index: int, vae=None, batch_size: int = 32):
+        """Features `(B, k, D)` and values `(B, k)` of a trajectory's x_t `(B, T, ...)` at `steps` `(B, k)` (None: all
+        T steps), valued for task `task_index` by `head` (this critic's head, or its prepared wrapper's module)."""
+        head.eval()
+        if steps is not None:
+            latents = latents[torch.arange(len(latents), device=latents.device)[:, None], steps]  # (B, k, ...)
+        batch, num_steps = latents.shape[:2]
+        features = self.encode(latents.flatten(0, 1), vae, batch_size=batch_size).view(batch, num_steps, -1)
+        task_index = torch.full((batch, num_steps), task_index, device=features.device)
+        return features, head(features, task_index).float()
+
     def forward(self, latents: torch.Tensor, vae: Optional[nn.Module] = None) -> torch.Tensor:
         return self.head(self.encode(latents, vae))
+
+
+def build_critic(config, reward_functions: list, pipeline, device, inference_dtype, critic=None):
+    """The run's critic (one value output per task), the decoder its encoder reads x_t through, and the head's
+    optimizer: `(critic, decoder, optimizer)`. `critic`: one to use instead of the one `config.critic_encoder` names.
+
+    One critic told the task: one value output per task (rewards are normalized per task, so the outputs share a
+    scale); one encoder, one optimizer and one neuron-reset schedule for all tasks. The paper's critic reads the
+    reward's own encoder: a reward holding `critic_encoder` lends it (`shared_image_features`, no copy).
+    """
+    num_tasks = len(reward_functions)
+    shared = None
+    if critic is None and config.critic_encoder != "latents":
+        shared = shared_image_features(reward_functions, config.critic_encoder)
+    if critic is None:
+        critic = TimestepCritic.from_config(config, pipeline.latent_shape(), num_outputs=num_tasks, encoder=shared)
+    if critic.head.num_outputs != num_tasks:
+        raise ValueError(
+            f"the critic head has {critic.head.num_outputs} value outputs for {num_tasks} tasks; give it one output "
+            "per task (`num_outputs`)"
+        )
+    if shared is not None:  # left in the reward's dtype: a cast here would be undone by every reward call
+        logger.info(f"the critic shares the reward's image encoder {config.critic_encoder!r}")
+        critic.encoder.to(device)
+    else:
+        critic.encoder.to(device, dtype=inference_dtype)
+    # what decodes x_t for an image-reading critic: the VAE, or a cheap AutoencoderTiny (TAESD)
+    decoder = pipeline.vae
+    if config.critic_decoder and critic.needs_pixels:
+        from diffusers import AutoencoderTiny
+
+        decoder = load_pretrained(AutoencoderTiny.from_pretrained, config.critic_decoder, "critic_decoder")
+        decoder = decoder.requires_grad_(False).eval().to(device, dtype=inference_dtype)
+    critic.head.to(device, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(
+        critic.head.parameters(),
+        lr=config.critic_learning_rate,
+        betas=(config.critic_adam_beta1, config.critic_adam_beta2),
+        weight_decay=config.critic_adam_weight_decay,
+        eps=config.critic_adam_epsilon,
+    )
+    return critic, decoder, optimizer

@@ -11,7 +11,12 @@ updated once, as PyTorch documents for several optimizers. A step whose gradient
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from accelerate.logging import get_logger
+
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -26,6 +31,26 @@ class OptimizerGroup:
 
 def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside an AcceleratedOptimizer
+
+
+def grad_norm_stats(grad_norms: dict[str, list[float]], epoch: int) -> dict[str, float]:
+    """`<model>/grad_norm` (mean of the finite norms) and `<model>/skipped_steps` (steps whose gradient was NaN or
+    infinite) of an epoch's `{model: [norm per optimizer step]}`. Gradients are all-reduced before their norm is
+    taken, so every process counts the same."""
+    stats = {}
+    for name, norms in grad_norms.items():
+        if not norms:
+            continue
+        finite = [n for n in norms if math.isfinite(n)]
+        stats[f"{name}/grad_norm"] = float(np.mean(finite)) if finite else float("nan")
+        stats[f"{name}/skipped_steps"] = len(norms) - len(finite)
+        if len(finite) < len(norms):
+            logger.warning(
+                f"epoch {epoch}: skipped {len(norms) - len(finite)} of {len(norms)} {name} optimizer steps whose "
+                "loss or gradient was NaN or infinite (under fp16 loss scaling a few skips are expected while "
+                "the scale settles)"
+            )
+    return stats
 
 
 def clip_and_step(accelerator, groups: list[OptimizerGroup]) -> dict[str, tuple[float, bool]]:

@@ -3,8 +3,9 @@
 - Pretraining loss (Zhang et al., "Large-scale Reinforcement Learning for Diffusion Models", 2024): every policy
   update also takes the diffusion model's own denoising loss on a batch of image-caption pairs, through the same
   LoRA, weighted by `pretrain_loss_coef`. It pulls the model back towards the data it was trained on.
-- KL to the reference policy: the per-step KL between the current and the base model's Gaussian DDIM transitions,
-  in closed form, weighted by `kl_coef`. The reference is the base UNet with the LoRA disabled (no second copy).
+- KL to the reference policy: the per-step KL between the current and the base model's Gaussian transitions (the
+  family's `transition`), in closed form, weighted by `kl_coef`. The reference is the base denoiser with the LoRA
+  disabled (no second copy), or a frozen copy of it for full training.
 """
 
 import os
@@ -14,7 +15,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from trl.models.modeling_sd_base import _get_variance, _left_broadcast
+
+from .registry import Registry
 
 
 class PretrainingData:
@@ -71,6 +73,19 @@ class PretrainingData:
             tensor = F.interpolate(tensor[None], size=(self.resolution,) * 2, mode="bilinear", antialias=True)[0]
         return tensor * 2 - 1
 
+    @classmethod
+    def from_config(cls, config, resolution: int) -> "PretrainingData":
+        """The data a `TDPOConfig` names (`pretrain_dataset`, its split, columns and batch size), at `resolution`."""
+        dataset = load_pretraining_dataset(config.pretrain_dataset, config.pretrain_dataset_split)
+        return cls(
+            dataset,
+            config.pretrain_batch_size,
+            resolution=resolution,
+            seed=config.seed,
+            image_column=config.pretrain_image_column,
+            caption_column=config.pretrain_caption_column,
+        )
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
 
@@ -79,14 +94,17 @@ class PretrainingData:
         self.generator.set_state(state["generator"])
 
 
-def load_pretraining_dataset(spec: str, split: str = "train"):
-    """A map-style `datasets.Dataset` of image-caption pairs: `"digits"` (the shipped model's training digits),
-    `"imagefolder:<dir>"` (images with a `metadata.jsonl` holding a `text` column), a folder written by
-    `Dataset.save_to_disk`, or a Hub id / local dataset."""
-    if spec == "digits":
-        from .digits import pretraining_dataset
+# name -> a function returning a map-style `datasets.Dataset` of image-caption pairs (e.g. the digits plugin's
+# "digits": the shipped model's training digits)
+PRETRAINING_DATASETS = Registry("pretraining dataset")
 
-        return pretraining_dataset()
+
+def load_pretraining_dataset(spec: str, split: str = "train"):
+    """A map-style `datasets.Dataset` of image-caption pairs: a name in `PRETRAINING_DATASETS` (`"digits"`: the shipped
+    model's training digits), `"imagefolder:<dir>"` (images with a `metadata.jsonl` holding a `text` column), a folder
+    written by `Dataset.save_to_disk`, or a Hub id / local dataset."""
+    if spec in PRETRAINING_DATASETS:
+        return PRETRAINING_DATASETS[spec]()
     from datasets import load_dataset, load_from_disk
 
     try:
@@ -117,29 +135,6 @@ def pretraining_inputs(pipeline, images: torch.Tensor, captions: list[str], gene
     return pipeline.denoiser_inputs(noisy, timesteps, conditioning, cfg=False), target
 
 
-def ddim_transition(
-    scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor, eta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of the Gaussian DDIM step x_t -> x_{t-1} (formulas 12 and 16 of the DDIM paper),
-    the quantities whose log-density `trl.models.modeling_sd_base.scheduler_step` returns. Shapes as `sample`."""
-    prev = torch.clamp(timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps, 0)
-    alpha = _left_broadcast(scheduler.alphas_cumprod.gather(0, timesteps.cpu()), sample.shape).to(sample.device)
-    alpha_prev = _left_broadcast(scheduler.alphas_cumprod.gather(0, prev.cpu()), sample.shape).to(sample.device)
-    if scheduler.config.prediction_type == "epsilon":
-        x0, epsilon = (sample - (1 - alpha) ** 0.5 * model_output) / alpha**0.5, model_output
-    elif scheduler.config.prediction_type == "v_prediction":
-        x0 = alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
-        epsilon = alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
-    else:
-        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-    if scheduler.config.clip_sample:
-        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    std = eta * _get_variance(scheduler, timesteps, prev) ** 0.5
-    std = _left_broadcast(std, sample.shape).to(sample.device)
-    mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * epsilon
-    return mean, std
-
-
 def transition_kl(pipeline, output: torch.Tensor, reference_output: torch.Tensor, timesteps, sample, eta: float):
     """KL(p_theta(x_{t-1} | x_t) || p_ref(x_{t-1} | x_t)) per sample `(B,)`, averaged over latent dimensions (as
     DDPO averages log-probs). Both transitions share their standard deviation, so KL = (mu - mu_ref)^2 / (2 std^2).
@@ -162,3 +157,42 @@ def reference_policy(unet, reference_unet: Optional[torch.nn.Module] = None):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+class ReferenceKL:
+    """The KL between the policy's and the base model's transitions, per denoising step (`kl_coef`).
+
+    Args:
+        pipeline: the `TDPOPipeline` (its `predict`, `denoiser_inputs` and `transition`).
+        reference_denoiser: a frozen copy of the base denoiser (full training), or None (LoRA: the adapter is
+            disabled instead).
+        eta: the sampler's noise level.
+        guided: `(2B, ...)` prediction -> `(B, ...)`: the guidance the update applies (identity when unguided).
+        autocast: the trainer's autocast context.
+    """
+
+    def __init__(self, pipeline, reference_denoiser, eta: float, guided, autocast):
+        self.pipeline, self.reference_denoiser, self.eta = pipeline, reference_denoiser, eta
+        self.guided, self.autocast = guided, autocast
+
+    def of_prediction(self, denoiser, prediction, inputs, timesteps, latents) -> torch.Tensor:
+        """Per-sample KL `(B,)` between the transition `prediction` gives and the base model's on `inputs`."""
+        with torch.no_grad(), reference_policy(denoiser, self.reference_denoiser) as reference, self.autocast():
+            reference_prediction = self.guided(self.pipeline.predict(reference, inputs))
+        return transition_kl(self.pipeline, prediction, reference_prediction, timesteps, latents, self.eta)
+
+    @torch.no_grad()
+    def of_rollout(self, denoiser, rollout, conditioning: dict, batch_size: int, cfg: bool) -> torch.Tensor:
+        """KL to the base model of every sampled transition of `rollout`, `(N, T)` (`kl_penalty="reward"`)."""
+        num_samples, num_steps = rollout["timesteps"].shape
+        kl = torch.zeros(num_samples, num_steps, device=rollout["timesteps"].device)
+        for start in range(0, num_samples, batch_size):
+            rows = slice(start, start + batch_size)
+            batch_conditioning = {k: v[rows] for k, v in conditioning.items()}
+            for j in range(num_steps):
+                latents, timesteps = rollout["latents"][rows, j], rollout["timesteps"][rows, j]
+                inputs = self.pipeline.denoiser_inputs(latents, timesteps, batch_conditioning, cfg)
+                with self.autocast():
+                    prediction = self.guided(self.pipeline.predict(denoiser, inputs))
+                kl[rows, j] = self.of_prediction(denoiser, prediction, inputs, timesteps, latents)
+        return kl

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .modeling_critic import ValueHead
-from .pipeline import LORA_WEIGHT_NAME
+from .pipelines import LORA_WEIGHT_NAME
 
 
 CRITIC_WEIGHTS_NAME = "critic_head.safetensors"
@@ -74,22 +74,22 @@ def load_critic_head(directory: str) -> tuple[ValueHead, str]:
     return head, encoder
 
 
-def save_policy(sd_pipeline, unet: torch.nn.Module, save_directory: str) -> str:
-    """The LoRA in diffusers format (or `unet/` / `transformer/` for full-denoiser training), through the pipeline's
-    checkpoint writer (`get_peft_model_state_dict` -> `convert_state_dict_to_diffusers` -> `save_lora_weights`).
-    Returns the path."""
-    sd_pipeline.save_checkpoint([unet], None, save_directory)
-    return os.path.join(save_directory, LORA_WEIGHT_NAME if sd_pipeline.use_lora else sd_pipeline.denoiser_name)
+def save_policy(pipeline, denoiser: torch.nn.Module, save_directory: str) -> str:
+    """The LoRA in diffusers format (or `unet/` / `transformer/` for full-denoiser training), through the family's
+    writer (`TDPOPipeline.save_denoiser`: `get_peft_model_state_dict` -> `convert_state_dict_to_diffusers` ->
+    `save_lora_weights`). Returns the path."""
+    pipeline.save_denoiser(denoiser, save_directory)
+    return os.path.join(save_directory, LORA_WEIGHT_NAME if pipeline.use_lora else pipeline.denoiser_name)
 
 
-def save_merged_pipeline(sd_pipeline, unet: torch.nn.Module, save_directory: str) -> str:
+def save_merged_pipeline(pipeline, denoiser: torch.nn.Module, save_directory: str) -> str:
     """A full diffusers pipeline with the LoRA fused into a copy of the denoiser; the training one is untouched."""
-    pipeline = sd_pipeline.sd_pipeline
-    merged_unet = copy.deepcopy(unet)
-    if sd_pipeline.use_lora:
-        merged_unet.fuse_lora()
-        merged_unet.unload_lora()  # plain diffusers modules, loadable as a base model
-    components = {**pipeline.components, sd_pipeline.denoiser_name: merged_unet}
+    diffusers_pipeline = pipeline.diffusers_pipeline
+    merged = copy.deepcopy(denoiser)
+    if pipeline.use_lora:
+        merged.fuse_lora()
+        merged.unload_lora()  # plain diffusers modules, loadable as a base model
+    components = {**diffusers_pipeline.components, pipeline.denoiser_name: merged}
     path = os.path.join(save_directory, MERGED_PIPELINE_DIR)
-    type(pipeline)(**components).save_pretrained(path)
+    type(diffusers_pipeline)(**components).save_pretrained(path)
     return path

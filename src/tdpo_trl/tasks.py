@@ -13,7 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .validation import describe
+import torch
+
+from .prompts import RepeatedPrompts, get_prompt_function
+from .rewards import get_reward_function
+from .tdpo_config import check_prompt_repeats
+from .validation import CheckedPromptFunction, describe
 
 
 @dataclass
@@ -120,9 +125,6 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
     Each task's prompt source is seeded with `seed + its position`, so tasks draw independent streams. A relative
     prompts file is looked up beside the tasks file first, then in the working directory.
     """
-    from .prompts import get_prompt_function
-    from .rewards import get_reward_function
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tasks file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -167,3 +169,32 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
 
 
 __all__ = ["Task", "check_tasks", "load_tasks"]
+
+
+class TaskPrompts:
+    """Per task of a run: how many consecutive samples each drawn prompt fills (`repeats`: `config.prompt_repeats`,
+    or the reward's `default_prompt_repeats` for distribution-level rewards, else 1), its prompt source grouped
+    that way (`sources`, whose state checkpoints hold) and the same with every `(prompt, metadata)` checked
+    (`checked`)."""
+
+    def __init__(self, tasks: list[Task], config):
+        batch = config.sample_batch_size * config.sample_num_batches_per_epoch
+        self.repeats = []
+        for task in tasks:
+            repeats = config.prompt_repeats or getattr(task.reward_function, "default_prompt_repeats", 1)
+            check_prompt_repeats(repeats, batch)
+            self.repeats.append(repeats)
+        self.sources = [
+            RepeatedPrompts(task.prompt_function, k) if k > 1 else task.prompt_function
+            for task, k in zip(tasks, self.repeats)
+        ]
+        self.checked = [CheckedPromptFunction(source) for source in self.sources]
+
+
+def pretrain_weight_of(tasks: list[Task], task_index: torch.Tensor) -> float:
+    """The pretraining loss's weight on a minibatch: the mean `pretrain_loss_weight` of its samples' tasks
+    (`task_index` `(B,)`)."""
+    weights = [task.pretrain_loss_weight for task in tasks]
+    if all(w == weights[0] for w in weights):
+        return float(weights[0])
+    return float(torch.tensor(weights)[task_index.cpu()].mean())

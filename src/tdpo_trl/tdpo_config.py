@@ -8,6 +8,7 @@ from typing import Optional
 from trl import DDPOConfig
 
 from .loading import check_model_reference
+from .modeling_critic import CRITIC_ENCODERS
 from .neuron_reset import SCORING_MODES
 
 
@@ -55,9 +56,6 @@ def check_prompt_repeats(repeats: int, samples_per_epoch: int):
 
 
 # built-in critic encoders; anything else names a CLIP vision folder or Hub id
-CRITIC_ENCODER_NAMES = ("latents", "digit_classifier")
-
-
 @dataclass
 class TDPOConfig(DDPOConfig):
     r"""
@@ -125,8 +123,8 @@ class TDPOConfig(DDPOConfig):
         critic_encoder (`str`, *optional*, defaults to `"openai/clip-vit-large-patch14"`):
             What the critic reads. A CLIP vision checkpoint id or local path: x_t is decoded by the VAE and embedded
             by that frozen image encoder (the paper's critic). `"latents"`: the flattened latent x_t itself, no
-            decoding (cheap; for small models). `"digit_classifier"`: for the shipped digits model, the frozen digit
-            classifier's features of the decoded x_t, the features its ink reward reads. Pass `critic=` to
+            decoding (cheap; for small models). Or a name a plugin registers in `modeling_critic.CRITIC_ENCODERS`
+            (the digits demo: `"digit_classifier"`, the features its ink reward reads). Pass `critic=` to
             [`TDPOTrainer`] for any other encoder. When the reward holds the same checkpoint (the aesthetic score and
             CLIP score read `openai/clip-vit-large-patch14`), the critic shares the reward's copy: no second set of
             weights in memory, run in the reward's dtype.
@@ -588,7 +586,8 @@ class TDPOConfig(DDPOConfig):
         if any(not 0.0 <= p < 1.0 for p in self.critic_dropout):
             raise ValueError(f"`critic_dropout` values must be in [0, 1), got {self.critic_dropout}")
         if self.use_critic:  # no network: a built-in name, a local folder or a well-formed Hub id
-            check_model_reference(self.critic_encoder, "critic_encoder", CRITIC_ENCODER_NAMES)
+            if self.critic_encoder not in CRITIC_ENCODERS:
+                check_model_reference(self.critic_encoder, "critic_encoder", list(CRITIC_ENCODERS))
             if self.critic_decoder:
                 check_model_reference(self.critic_decoder, "critic_decoder")
         if self.pretrain_loss_coef > 0 and not self.pretrain_dataset:

@@ -1,5 +1,6 @@
-"""Checks where user code hands data back to the library: reward functions, prompt functions, and the weights about to
-be written to disk. Each error says what came back (type, shape, first values) and what was expected.
+"""Checks where user code hands data back to the library: prompt functions, configuration values, and the weights
+about to be written to disk (the reward contract is `tdpo_trl.rewards.contract`). Each error says what came back
+(type, shape, first values) and what was expected.
 """
 
 import os
@@ -11,13 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .rewards import reward_name
 
-
-REWARD_CONTRACT = (
-    "a reward function must return `(rewards, metadata)`: `rewards` a 1-D tensor, array or list of floats with one "
-    "value per image, `metadata` anything (e.g. `{}`)"
-)
 PROMPT_CONTRACT = "a prompt function must return one `(prompt, metadata)` pair: `prompt` a str, `metadata` e.g. `{}`"
 
 
@@ -39,33 +34,6 @@ def describe_short(value: Any) -> str:
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return f"{type(value).__name__}{tuple(value.shape)}"
     return repr(value)[:40]
-
-
-def check_reward_output(result: Any, batch_size: int, name: str = "reward function") -> tuple[torch.Tensor, Any]:
-    """`(rewards (B,) float32, metadata)` from what a reward function returned for `batch_size` images.
-
-    Non-finite rewards are allowed here (the trainer drops them from the statistics and counts them); a wrong type,
-    shape or length is a `ValueError` naming the function and what it returned.
-    """
-    if isinstance(result, (torch.Tensor, np.ndarray)) or not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise ValueError(f"{name} returned {describe(result)}; {REWARD_CONTRACT}, e.g. `return rewards, {{}}`")
-    rewards, metadata = result
-    if isinstance(rewards, (int, float, bool, str)) or rewards is None:  # e.g. a bare list [r0, r1]
-        raise ValueError(f"{name} returned {describe(result)}; {REWARD_CONTRACT}, e.g. `return rewards, {{}}`")
-    try:
-        array = rewards.detach() if isinstance(rewards, torch.Tensor) else torch.as_tensor(rewards)  # device kept
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{name} returned rewards {describe(rewards)}, which are not numbers ({err}); "
-                         f"{REWARD_CONTRACT}") from None  # fmt: skip
-    if not (array.dtype.is_floating_point or array.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
-        raise ValueError(f"{name} returned rewards {describe(rewards)}; expected numbers (floats), got {array.dtype}")
-    if array.shape != (batch_size,):
-        hint = " (squeeze the last dimension)" if array.shape == (batch_size, 1) else ""
-        raise ValueError(
-            f"{name} returned rewards {describe(rewards)} for a batch of {batch_size} images; expected shape "
-            f"({batch_size},): one reward per image{hint}"
-        )
-    return array.to(torch.float32), metadata
 
 
 def check_prompt_output(result: Any, name: str = "prompt function") -> tuple[str, Any]:
@@ -91,12 +59,6 @@ class CheckedPromptFunction:
 
     def __call__(self) -> tuple[str, Any]:
         return check_prompt_output(self.function(), self.name)
-
-
-def call_reward_function(function: Callable, images, prompts, metadata) -> tuple[torch.Tensor, Any]:
-    """`function(images, prompts, metadata)`, its output checked by `check_reward_output`."""
-    name = f"reward function {reward_name(function)!r}"
-    return check_reward_output(function(images, prompts, metadata), len(images), name)
 
 
 def non_finite_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

@@ -12,9 +12,8 @@ import sys
 import numpy as np
 import torch
 
-from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
-from tdpo_trl.distribution_rewards import Diversity, StatisticalParity
-from tdpo_trl.rewards import WeightedSum
+from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer, scoring
+from tdpo_trl.rewards import Diversity, StatisticalParity, WeightedSum
 from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
 
 
@@ -65,7 +64,7 @@ def main(out_dir: str):
             (my_images[:half], my_prompts[:half], [{}] * half),
             (my_images[half:], my_prompts[half:], [{}] * (len(my_prompts) - half)),
         ]
-        local_rewards, metadata = trainer._distribution_rewards(reward, pairs)
+        local_rewards, metadata = scoring.distribution_rewards(trainer.accelerator, reward, pairs)
         results[name] = trainer.accelerator.gather(torch.cat(local_rewards)).cpu().tolist()
         results[f"{name}_group_score"] = metadata[0]["group_score"]
         if "components" in metadata[0]:  # this process's rows of each component, per sampled batch, gathered

@@ -1,9 +1,12 @@
 """The embedded default: a tiny text-to-image model of handwritten digits and the judges that score it.
 
-Trained on 2 CPU cores by `scripts/train_digits_base.py` from scikit-learn's digits and shipped with the package,
-so `tdpo-trl demo` runs TDPO-R end to end with no GPU and no download.
+Trained on 2 CPU cores by `maintainer_scripts/train_digits_base.py` from scikit-learn's digits and shipped with the
+package, so `tdpo-trl demo` runs TDPO-R end to end with no GPU and no download. A plugin of the core (entry point
+`tdpo_trl.plugins`): the core never imports it; its names (`digit_ink`, `pretrain_dataset="digits"`,
+`critic_encoder="digit_classifier"`) resolve through the core's registries once it is loaded.
 """
 
+from . import plugin  # noqa: F401  (registers the demo's rewards, dataset and critic encoder with the core)
 from .data import TEMPLATES, WORDS, label_of, load_digits, pretraining_dataset, train_test_split
 from .judges import (
     DigitAccuracy,

@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from ..distribution_rewards import Diversity, StatisticalParity
+from ..rewards.distribution import Diversity, StatisticalParity
 from .judges import grayscale, shared_judges
 
 

@@ -125,7 +125,7 @@ class DigitJudges(nn.Module):
         path = path or os.path.join(ASSETS, "judges.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"digit judges file {path!r} does not exist (scripts/train_digits_base.py writes one)"
+                f"digit judges file {path!r} does not exist (maintainer_scripts/train_digits_base.py writes one)"
             )
         state = load_file(path)
         judges = cls()

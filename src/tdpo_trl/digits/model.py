@@ -77,7 +77,8 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler):
 
 
 def load_digits_pipeline(path: Optional[str] = None):
-    """The shipped digits base (`assets/pipeline`), or a folder written by `scripts/train_digits_base.py`."""
+    """The shipped digits base (`assets/pipeline`), or a folder that `maintainer_scripts/train_digits_base.py`
+    wrote."""
     from diffusers import StableDiffusionPipeline
 
     path = path or PIPELINE_PATH

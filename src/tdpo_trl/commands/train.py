@@ -28,18 +28,15 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from ..cli import one_line_errors
-from ..distribution_rewards import is_distribution_reward
 from ..guard import OverOptimizationGuard
 from ..loading import check_model_reference, load_pretrained
-from ..pipeline import TDPOStableDiffusionPipeline
-from ..pipeline_sd3 import TDPOStableDiffusion3Pipeline
-from ..pipeline_sdxl import TDPOStableDiffusionXLPipeline
+from ..pipelines import FAMILIES, TDPOStableDiffusionPipeline, TDPOStableDiffusionXLPipeline, family_for
 from ..prompts import get_prompt_function
-from ..rewards import REWARD_FUNCTIONS, get_reward_function
+from ..rewards import REWARD_FUNCTIONS, get_reward_function, is_distribution_reward
+from ..scoring import shown_reward_key
 from ..tasks import load_tasks
 from ..tdpo_config import JSONDict, TDPOConfig
-from ..tdpo_trainer import TDPOTrainer, shown_reward_key
+from ..tdpo_trainer import TDPOTrainer
 from ..tiny_models import (
     TINY_TRAINING_DEFAULTS,
     left_minus_right_brightness,
@@ -49,6 +46,7 @@ from ..tiny_models import (
 )
 from ..trainer_callback import JSONLinesLoggerCallback
 from ..validation import check_writable_folder, field_errors
+from .cli import one_line_errors
 
 
 TINY_REWARDS = {"brightness": mean_brightness, "left_minus_right": left_minus_right_brightness}
@@ -98,12 +96,6 @@ DIGITS_DEFAULTS = dict(
 # the tiny SDXL learns the tiny reward without guidance and with a larger step (tests/test_sdxl.py)
 TINY_SDXL_DEFAULTS = {**TINY_DEFAULTS, "sample_guidance_scale": 1.0, "train_learning_rate": 5e-3}
 MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "tiny-sdxl": TINY_SDXL_DEFAULTS, "digits": DIGITS_DEFAULTS}
-# the diffusers pipeline class a model folder names (model_index.json) -> the wrapper that trains it
-MODEL_FAMILIES = {
-    "StableDiffusionPipeline": TDPOStableDiffusionPipeline,
-    "StableDiffusionXLPipeline": TDPOStableDiffusionXLPipeline,
-    "StableDiffusion3Pipeline": TDPOStableDiffusion3Pipeline,
-}
 
 # A distribution-level reward (`--reward digit_parity`, `diversity`, ...) is measured on the training prompts: they
 # become the held-out prompts (unless `--eval_prompts` says otherwise), drawn often enough to estimate a distribution.
@@ -241,11 +233,9 @@ def model_family(reference: str, revision: str = "main"):
 
     config = load_pretrained(DiffusionPipeline.load_config, reference, "pretrained_model", revision=revision)
     class_name = config.get("_class_name")
-    if class_name not in MODEL_FAMILIES:
-        raise ValueError(
-            f"`pretrained_model` {reference!r} is a {class_name!r}; tdpo-trl trains {sorted(MODEL_FAMILIES)}"
-        )
-    return MODEL_FAMILIES[class_name]
+    if class_name not in FAMILIES:
+        raise ValueError(f"`pretrained_model` {reference!r} is a {class_name!r}; tdpo-trl trains {sorted(FAMILIES)}")
+    return family_for(class_name)
 
 
 def load_pipeline(script_args: ScriptArguments, config: TDPOConfig) -> TDPOStableDiffusionPipeline:

@@ -57,8 +57,8 @@ def parse_args(argv: Optional[list[str]] = None):
     """`(DemoArguments, TDPOConfig)`; every `TDPOConfig` field is a flag, on the digits defaults."""
     from transformers import HfArgumentParser
 
-    from ..cli import one_line_errors
     from ..tdpo_config import TDPOConfig
+    from .cli import one_line_errors
 
     parser = one_line_errors(HfArgumentParser((DemoArguments, TDPOConfig)))
     parser.prog = "tdpo-trl demo"
@@ -165,7 +165,7 @@ def train_and_judge(config, save_dir: str, prompts: list[str], before: bool = Fa
     script_args = train.ScriptArguments(pretrained_model="digits", reward="digit_ink", prompts="digits",
                                         prompt_template="{}", save_dir=save_dir)  # fmt: skip
     trainer = train.build_trainer(script_args, config)
-    pipeline = trainer.sd_pipeline.sd_pipeline
+    pipeline = trainer.sd_pipeline.diffusers_pipeline
     run = {"trainer": trainer, "images": {}, "scores": {}}
     if before:
         run["images"]["before"], run["scores"]["before"] = judge_fixed_samples(pipeline, config, prompts)

@@ -54,11 +54,11 @@ def _parse_runs(values: list[str]) -> dict[str, str]:
 def evaluate_command(args) -> dict:
     import torch
 
-    from .evaluation import evaluate_checkpoints, plot_cross_reward
-    from .loading import check_model_reference, load_pretrained
-    from .prompts import RepeatedPrompts, get_prompt_function
-    from .rewards import get_reward_function, short_name
-    from .validation import check_writable_folder, field_errors
+    from ..evaluation import evaluate_checkpoints, plot_cross_reward
+    from ..loading import check_model_reference, load_pretrained
+    from ..prompts import RepeatedPrompts, get_prompt_function
+    from ..rewards import get_reward_function, short_name
+    from ..validation import check_writable_folder, field_errors
 
     runs = _parse_runs(args.runs)  # every user input is checked before the model loads
     check_writable_folder(args.output_dir, "output_dir")
@@ -70,15 +70,15 @@ def evaluate_command(args) -> dict:
     with field_errors("prompts"):
         prompt_fn = get_prompt_function(args.prompts, seed=args.seed, template=args.prompt_template)
     if args.base == "tiny":
-        from .tiny_models import tiny_stable_diffusion
+        from ..tiny_models import tiny_stable_diffusion
 
         pipeline = tiny_stable_diffusion(seed=0)
     elif args.base == "tiny-sdxl":
-        from .tiny_models import tiny_stable_diffusion_xl
+        from ..tiny_models import tiny_stable_diffusion_xl
 
         pipeline = tiny_stable_diffusion_xl(seed=0)
     elif args.base == "digits":
-        from .digits import load_digits_pipeline
+        from ..digits import load_digits_pipeline
 
         pipeline = load_digits_pipeline()
     else:
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     return one_line_errors(parser)
 
 
-HF_ARGUMENT_COMMANDS = {"demo": "demo", "train": "train"}  # parsed by HfArgumentParser in tdpo_trl.scripts.<module>
+HF_ARGUMENT_COMMANDS = {"demo": "demo", "train": "train"}  # parsed by HfArgumentParser in tdpo_trl.commands.<module>
 
 
 def main(argv: Optional[list[str]] = None):
@@ -172,7 +172,7 @@ def main(argv: Optional[list[str]] = None):
     if argv and argv[0] in HF_ARGUMENT_COMMANDS:
         import importlib
 
-        module = importlib.import_module(f"tdpo_trl.scripts.{HF_ARGUMENT_COMMANDS[argv[0]]}")
+        module = importlib.import_module(f"tdpo_trl.commands.{HF_ARGUMENT_COMMANDS[argv[0]]}")
         return module.cli(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "num_prompts", 1) < 1:

@@ -1,26 +1,20 @@
-"""Reward functions with DDPO's signature `(images, prompts, metadata) -> (rewards, metadata)`.
+"""Per-image reward models with DDPO's signature `(images, prompts, metadata) -> (rewards, metadata)`.
 
 `images` are `(B, 3, H, W)` in [0, 1]; rewards come back as a float32 `(B,)` tensor on the images' device. Model-based
 rewards load their weights on the first call (so building one is cheap), run without gradients in `dtype`, and
-score in chunks of `batch_size`. Build any of them by name with `get_reward_function("aesthetic")`, or a function of
-your own by dotted path (`"my_package.rewards:sharpness"`).
+score in chunks of `batch_size`.
 """
 
 import importlib
 import io
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
-from .digits.distribution import DigitDiversity, DigitParity, DigitParityIndependent, DigitPixelDiversity
-from .digits.independent_judge import DigitAccuracyIndependent
-from .digits.judges import DigitAccuracy, DigitInk, DigitNearestReal, DigitRealism, DigitStrokeMass
-from .distribution_rewards import Diversity, is_distribution_reward
-from .modeling_critic import CLIPImageFeatures, ValueHead, clip_pixel_values, shared_image_features
+from ..modeling_critic import CLIPImageFeatures, ValueHead, clip_pixel_values
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -247,170 +241,3 @@ class ImageRewardScore(_LazyModelReward):
 
     def score(self, images, prompts):
         return torch.tensor([float(self.model.score(p, im)) for p, im in zip(prompts, _to_pil(images))])
-
-
-REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "aesthetic": AestheticScore,
-    "pickscore": PickScore,
-    "hpsv2": HPSv2,
-    "imagereward": ImageRewardScore,
-    "clip_score": CLIPScore,
-    "jpeg_compressibility": lambda **kwargs: jpeg_compressibility,
-    "jpeg_incompressibility": lambda **kwargs: jpeg_incompressibility,
-    # judges of the embedded digits model (`tdpo_trl.digits`), shipped with the package
-    "digit_ink": DigitInk,
-    "digit_accuracy": DigitAccuracy,
-    "digit_realism": DigitRealism,
-    "digit_nearest_real": DigitNearestReal,
-    "digit_stroke_mass": DigitStrokeMass,
-    "digit_accuracy_independent": DigitAccuracyIndependent,  # scikit-learn; shares nothing with the others
-    # distribution-level (`tdpo_trl.distribution_rewards`): one reward per sample from the whole batch
-    "diversity": Diversity,
-    "digit_parity": DigitParity,
-    "digit_diversity": DigitDiversity,
-    "digit_parity_independent": DigitParityIndependent,  # scikit-learn judge; an eval metric
-    "digit_pixel_diversity": DigitPixelDiversity,  # pixel space, no classifier; an eval metric
-}
-
-
-def get_reward_function(spec: str, **kwargs) -> Callable:
-    """A reward by registry name (`REWARD_FUNCTIONS`) or dotted path (`"pkg.module:name"` or `"pkg.module.name"`).
-
-    A class found by path is instantiated with `kwargs`; a function is returned as is (and takes no `kwargs`).
-    """
-    if spec in REWARD_FUNCTIONS:
-        return _construct(spec, REWARD_FUNCTIONS[spec], kwargs)
-    module_name, _, attribute = spec.partition(":") if ":" in spec else spec.rpartition(".")
-    if not module_name or not attribute:
-        raise ValueError(
-            f"unknown reward {spec!r}: expected one of {sorted(REWARD_FUNCTIONS)} or a dotted path like "
-            "'my_package.rewards:my_reward'"
-        )
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import reward {spec!r}: {err}") from err
-    if isinstance(found, type):
-        found = _construct(spec, found, kwargs)
-    elif kwargs:
-        raise ValueError(f"reward {spec!r} is a function and takes no keyword arguments, got {kwargs}")
-    if not callable(found):
-        raise ValueError(f"reward {spec!r} is a {type(found).__name__}, not a callable")
-    return found
-
-
-def _construct(spec: str, factory: Callable, kwargs: dict):
-    try:
-        return factory(**kwargs)
-    except TypeError as err:  # an unknown or missing keyword: the user's kwargs, not a bug
-        raise ValueError(f"reward {spec!r} does not accept the keyword arguments {kwargs}: {err}") from err
-
-
-def short_name(spec: str) -> str:
-    """The metric name of a reward spec: `"aesthetic"` -> `aesthetic`, `"pkg.mod:fn"` -> `fn`."""
-    return spec.split(":")[-1].split(".")[-1]
-
-
-def reward_name(function) -> str:
-    name = getattr(function, "name", None) or getattr(function, "__name__", type(function).__name__)
-    return "custom (lambda)" if name == "<lambda>" else name
-
-
-class WeightedSum:
-    """`sum_k weight_k * reward_k(images, prompts, metadata)`; each component's scores are returned in the metadata
-    (`metadata["components"][name]`, a `(B,)` tensor) and logged as `reward/<name>/mean`.
-
-    Components may be [distribution-level](distribution_rewards.md) (e.g. `Diversity`): the sum is then one itself
-    (`is_distribution_level`, the largest `default_prompt_repeats` of its components). Its features are each
-    distribution component's features beside each per-image component's score (one column), gathered over
-    processes as any distribution reward's; each sample's reward is the weighted sum of its leave-one-out credits and
-    its per-image scores, and its `group_score` (the held-out target) the weighted sum of the distribution components'
-    group scores and the per-image components' means.
-
-    Example:
-        ```python
-        from tdpo_trl.rewards import WeightedSum, jpeg_compressibility, jpeg_incompressibility
-
-        reward = WeightedSum({"small": (jpeg_compressibility, 1.0), "detailed": (jpeg_incompressibility, 0.5)})
-        ```
-    """
-
-    def __init__(self, components: dict[str, tuple[Callable, float]]):
-        if not components:
-            raise ValueError("WeightedSum needs at least one (reward, weight) component")
-        for name, value in components.items():
-            if not (isinstance(value, tuple) and len(value) == 2 and callable(value[0])):
-                raise ValueError(f"component {name!r} must be a (reward_function, weight) pair, got {value!r}")
-        self.components = components
-        self.reward_names = [f"{w:g} x {name}" for name, (_, w) in components.items()]
-        distribution = [f for f, _ in components.values() if is_distribution_reward(f)]
-        self.is_distribution_level = bool(distribution)
-        self.default_prompt_repeats = max((f.default_prompt_repeats for f in distribution), default=1)
-        self._widths: Optional[list[int]] = None  # feature columns per component, known after `features`
-
-    def __call__(self, images, prompts=None, metadata=None):
-        if self.is_distribution_level:  # one process's batch as the whole batch
-            with torch.no_grad():
-                return self.rewards_from_features(self.features(images, prompts, metadata), list(prompts))
-        total, scores = 0.0, {}
-        for name, (function, weight) in self.components.items():
-            rewards, _ = function(images, prompts, metadata)
-            scores[name] = torch.as_tensor(rewards, dtype=torch.float32, device=images.device)
-            total = total + weight * scores[name]
-        return total, {"components": scores}
-
-    def features(self, images, prompts, metadata=None) -> torch.Tensor:
-        """`(B, sum of widths)`: each distribution component's features, each per-image component's score column."""
-        from .validation import check_reward_output  # validation imports this module
-
-        columns = []
-        for name, (function, _) in self.components.items():
-            if is_distribution_reward(function):
-                columns.append(torch.as_tensor(function.features(images, prompts, metadata)).float())
-            else:
-                rewards, _ = check_reward_output(function(images, prompts, metadata), len(images), repr(name))
-                columns.append(rewards.float()[:, None])  # (B, 1)
-        self._widths = [c.shape[1] for c in columns]
-        return torch.cat([c.to(images.device) for c in columns], dim=1)
-
-    def rewards_from_features(self, features: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
-        """`(N, D)` features of the whole batch -> `(N,)` weighted rewards, `{"group_score", "components"}`."""
-        if self._widths is None or sum(self._widths) != features.shape[1]:
-            raise ValueError(f"WeightedSum features of shape {tuple(features.shape)} do not match its components' "
-                             f"widths {self._widths}; compute them with its `features`")  # fmt: skip
-        total, components, score = 0.0, {}, 0.0
-        for (name, (function, weight)), block in zip(self.components.items(), features.split(self._widths, dim=1)):
-            if is_distribution_reward(function):
-                rewards, info = function.rewards_from_features(block, prompts)
-                score += weight * info["group_score"]
-            else:
-                rewards = block[:, 0]
-                score += weight * rewards[torch.isfinite(rewards)].mean().item()
-            components[name] = rewards
-            total = total + weight * rewards
-        return total, {"group_score": score, "components": components}
-
-    def batch_score(self, images: torch.Tensor, prompts) -> float:
-        """The weighted sum of the components' batch scores (see the class docstring)."""
-        with torch.no_grad():
-            return self.rewards_from_features(self.features(images, prompts), list(prompts))[1]["group_score"]
-
-    def image_features(self, name_or_path: str):
-        """A component's image features for a critic reading `name_or_path` (see `_LazyModelReward.image_features`)."""
-        return shared_image_features([function for function, _ in self.components.values()], name_or_path)
-
-
-__all__ = [
-    "REWARD_FUNCTIONS",
-    "AestheticScore",
-    "CLIPScore",
-    "CLIPTextImageScore",
-    "HPSv2",
-    "ImageRewardScore",
-    "PickScore",
-    "WeightedSum",
-    "get_reward_function",
-    "jpeg_compressibility",
-    "jpeg_incompressibility",
-    "reward_name",
-]

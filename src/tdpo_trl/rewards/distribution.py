@@ -108,7 +108,7 @@ class Diversity(DistributionReward):
     @property
     def encoder(self) -> Callable:
         if self._encoder is None:
-            from .modeling_critic import CLIPImageFeatures
+            from ..modeling_critic import CLIPImageFeatures
 
             self._encoder = CLIPImageFeatures.from_pretrained("openai/clip-vit-large-patch14").eval()
         return self._encoder

@@ -8,7 +8,7 @@ Writes into `--output_dir` (by default the package's `tdpo_trl/digits/assets/`, 
 - `digits.safetensors`: scikit-learn's 1,797 digits (uint8 8x8) and labels, so the package needs no scikit-learn;
 - `base_metrics.json`: what the script measured (judges' held-out accuracy and R^2, prompted-digit accuracy).
 
-    python scripts/train_digits_base.py            # ~25 min on 2 CPU cores; needs scikit-learn
+    python maintainer_scripts/train_digits_base.py            # ~25 min on 2 CPU cores; needs scikit-learn
 """
 
 import argparse

@@ -1,0 +1,63 @@
+"""Where a run writes: its folder (`<logdir>/<run_name>`), its checkpoints, and which checkpoint it resumes from."""
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from accelerate.utils import ProjectConfiguration
+
+from .checkpointing import list_checkpoints, resolve_checkpoint, run_folder_of
+
+
+@dataclass
+class RunFolder:
+    """`project`: accelerate's project configuration (`project_dir` is the run folder); `checkpoint_dir`: where the
+    `checkpoint_<i>` folders go; `checkpoint_limit`: how many are kept; `resume_checkpoint`: the verified checkpoint
+    to resume from, or None."""
+
+    project: ProjectConfiguration
+    checkpoint_dir: str
+    checkpoint_limit: Optional[int]
+    resume_checkpoint: Optional[str]
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def resolve_run_folder(config) -> RunFolder:
+    """Checkpoints go to `<project_dir>/checkpoints/checkpoint_<i>`, `project_dir` defaulting to
+    `<logdir>/<run_name>`; the newest `total_limit` (default `num_checkpoint_limit`) are kept.
+
+    Without a `run_name` the run folder gets a timestamp, so that a second run never collides with the first; a
+    resumed run continues in its own folder. Writing into a folder that holds another run's checkpoints is refused.
+    """
+    kwargs = dict(config.project_kwargs)
+    # verified before anything else happens; the trainer loads it once the models exist
+    resume_checkpoint = resolve_checkpoint(config.resume_from) if config.resume_from else None
+    resumed_run = run_folder_of(resume_checkpoint) if resume_checkpoint else None
+    if "project_dir" not in kwargs:
+        if resumed_run and not config.run_name:
+            kwargs["project_dir"] = resumed_run
+        else:
+            run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+            kwargs["project_dir"] = os.path.join(config.logdir, run_name)
+    continues_run = resumed_run is not None and _same_folder(kwargs["project_dir"], resumed_run)
+    if resumed_run and not continues_run and not config.resume_as_new_run:
+        raise ValueError(
+            f"`resume_from` {config.resume_from!r} continues the run in {resumed_run!r}, but this run would write "
+            f"to {kwargs['project_dir']!r}; drop `run_name` (and `project_kwargs['project_dir']`) to continue the "
+            "run in its own folder, or set `resume_as_new_run=True` to start a new run there from that checkpoint"
+        )
+    checkpoint_limit = kwargs.pop("total_limit", config.num_checkpoint_limit)
+    kwargs["automatic_checkpoint_naming"] = False  # checkpoints are named and rotated by the trainer
+    checkpoint_dir = os.path.join(kwargs["project_dir"], "checkpoints")
+    existing = list_checkpoints(checkpoint_dir)
+    if existing and not continues_run:
+        what = " of another run; " if config.resume_from else "; set `resume_from` to continue that run, or "
+        raise ValueError(
+            f"{checkpoint_dir!r} already holds checkpoints ({os.path.basename(existing[-1])} is the latest)"
+            f"{what}choose another `run_name` or `logdir`"
+        )
+    return RunFolder(ProjectConfiguration(**kwargs), checkpoint_dir, checkpoint_limit, resume_checkpoint)

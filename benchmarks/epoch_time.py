@@ -5,6 +5,10 @@ Each variant runs in a fresh process (so its peak RSS is its own), after one war
 
     python benchmarks/epoch_time.py                     # 16 samples x 10 steps per epoch, 3 timed epochs
     python benchmarks/epoch_time.py --epochs 5 --threads 2
+
+    # this checkout against another one (e.g. `git worktree add ../before <commit>`), side by side in one run: the
+    # TDPO variants alternate between the two source trees for --rounds rounds, each in a fresh process
+    python benchmarks/epoch_time.py --compare_src ../before/src --rounds 5
 """
 
 import argparse
@@ -93,30 +97,64 @@ def measure(variant: str, epochs: int, threads: int) -> dict:
     }
 
 
+def run_child(variant: str, args, src: str = "") -> dict:
+    """One variant in a fresh process; `src`: a source tree to import `tdpo_trl` from instead of the installed one."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--epochs",
+        str(args.epochs),
+        "--threads",
+        str(args.threads),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(src)} if src else None
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def compare_sources(args):
+    """Median epoch time of each TDPO variant under this checkout and under `--compare_src`, alternating runs."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    trees = {"this": here, "other": args.compare_src}
+    times = {(variant, tree): [] for variant in VARIANTS[:2] for tree in trees}
+    for _ in range(args.rounds):
+        for variant in VARIANTS[:2]:
+            for tree, src in trees.items():
+                times[(variant, tree)].append(run_child(variant, args, src)["epoch_s_median"])
+    print(
+        f"epoch time, this checkout vs {args.compare_src}: {args.rounds} alternating rounds x {args.epochs} timed "
+        f"epochs; {args.threads} thread(s); torch {torch.__version__}"
+    )
+    header = (
+        f"{'variant':<16} {'this s (median)':>16} {'other s (median)':>17} {'this / other':>13}  rounds (this/other)"
+    )
+    print(header)
+    print("-" * len(header))
+    for variant in VARIANTS[:2]:
+        this, other = (statistics.median(times[(variant, tree)]) for tree in trees)
+        rounds = " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(times[(variant, "this")], times[(variant, "other")]))
+        print(f"{variant:<16} {this:>16.3f} {other:>17.3f} {this / other:>13.3f}  {rounds}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
+    parser.add_argument("--compare_src", help="another checkout's src/ folder: time its TDPO variants against these")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per source tree (--compare_src)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.epochs, args.threads)))
         return
+    if args.compare_src:
+        return compare_sources(args)
 
     results = {}
     for variant in VARIANTS:
-        command = [
-            sys.executable,
-            __file__,
-            "--child",
-            variant,
-            "--epochs",
-            str(args.epochs),
-            "--threads",
-            str(args.threads),
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[variant] = json.loads(output.strip().splitlines()[-1])
+        results[variant] = run_child(variant, args)
 
     base = results["trl-ddpo"]
     print(

@@ -246,3 +246,14 @@ def register_denoiser_hooks(accelerator, pipeline, denoiser: torch.nn.Module):
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+def warn_unsaved_epochs(epochs: int, save_freq: int):
+    """Warn when checkpointing every `save_freq` epochs leaves the last epochs of `epochs` unsaved."""
+    unsaved = epochs % save_freq
+    if unsaved and epochs >= save_freq:
+        logger.warning(
+            f"num_epochs {epochs} is not a multiple of save_freq {save_freq}: the last {unsaved} epoch(s) are not "
+            "checkpointed, so a resume cannot continue from them; save the result with save_pretrained "
+            "(`--save_dir`) or choose a save_freq that divides the epochs"
+        )

@@ -45,6 +45,14 @@ class OverOptimizationGuard(TDPOCallback):
                 raise ValueError(f"tolerance of {name!r} must be a finite number >= 0, got {tolerance!r}")
         if action not in ("stop", "mark"):
             raise ValueError(f"`action` must be 'stop' or 'mark', got {action!r}")
+        if isinstance(lower_is_better, str):
+            lower_is_better = (lower_is_better,)
+        unknown = sorted(set(lower_is_better) - set(tolerances))
+        if unknown:
+            raise ValueError(
+                f"`lower_is_better` names {unknown}, which the guard does not watch; expected some of its judges "
+                f"{sorted(tolerances)}"
+            )
         self.tolerances, self.action, self.lower_is_better = dict(tolerances), action, tuple(lower_is_better)
         self.task = task
         self.prefix = ""  # the watched metrics' prefix: `task/<task>/` in a multi-task run

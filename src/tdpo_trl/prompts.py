@@ -9,6 +9,7 @@ uninterrupted run would have drawn.
 import itertools
 import os
 import random
+import string
 from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any, Optional
@@ -29,6 +30,23 @@ def _read_lines(path: str) -> list[str]:
     return prompts
 
 
+def check_template(template, field: str = "template") -> str:
+    """`template` is a str with exactly one empty `{}` field and nothing else to fill (`{{` and `}}` are literal
+    braces); a `ValueError` naming `field` otherwise."""
+    expected = "a str with exactly one '{}' (e.g. 'a photo of a {}'; '{}' uses the prompts as they are)"
+    if not isinstance(template, str):
+        raise ValueError(f"`{field}` must be {expected}, got {template!r}")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:  # a lone '{' or '}'
+        raise ValueError(f"`{field}` {template!r} is not a valid format string ({err}); expected {expected}") from None
+    if fields != [""]:
+        named = [f for f in fields if f]
+        found = f"it names {named}" if named else f"it has {len(fields) or 'no'} '{{}}' field(s)"
+        raise ValueError(f"`{field}` must be {expected}, got {template!r}: {found}")
+    return template
+
+
 class PromptSource:
     """A seeded prompt function over a fixed list of prompts.
 
@@ -41,8 +59,7 @@ class PromptSource:
     def __init__(self, prompts: list[str], template: str = "{}", seed: int = 0):
         if not prompts:
             raise ValueError("a PromptSource needs at least one prompt")
-        if template.count("{}") != 1:
-            raise ValueError(f"`template` must contain exactly one '{{}}', got {template!r}")
+        check_template(template)
         self.prompts, self.template, self.rng = list(prompts), template, random.Random(seed)
 
     @classmethod
@@ -101,8 +118,7 @@ class DatasetPromptSource:
         dataset=None,
         **load_kwargs,
     ):
-        if template.count("{}") != 1:
-            raise ValueError(f"`template` must contain exactly one '{{}}', got {template!r}")
+        check_template(template)
         if dataset is None:
             import datasets
 

@@ -536,6 +536,16 @@ class TDPOConfig(DDPOConfig):
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        finite = (*positive_floats, *non_negative, "train_max_grad_norm", "critic_max_grad_norm", "gamma",
+                  "sample_guidance_scale", "train_adam_epsilon", "critic_adam_epsilon")  # fmt: skip
+        for name in finite:
+            value = float(getattr(self, name))
+            if math.isnan(value) or (math.isinf(value) and name != "train_adv_clip_max"):
+                raise ValueError(f"`{name}` must be a finite number, got {value}")
+        if self.num_checkpoint_limit is not None and self.num_checkpoint_limit < 1:
+            raise ValueError(
+                f"`num_checkpoint_limit` must be None (keep every checkpoint) or >= 1, got {self.num_checkpoint_limit}"
+            )
         if self.prompt_repeats is not None:
             per_epoch = self.sample_batch_size * self.sample_num_batches_per_epoch
             if self.prompt_repeats < 1:

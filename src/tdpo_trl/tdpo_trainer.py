@@ -43,6 +43,7 @@ from .checkpointing import (
     check_structure,
     model_structure,
     register_denoiser_hooks,
+    warn_unsaved_epochs,
     write_checkpoint,
 )
 from .guard import OverOptimizationGuard
@@ -137,8 +138,7 @@ class TDPOTrainer(DDPOTrainer):
         self.config = config
         self._init_tasks(reward_function, prompt_function, tasks)
         self.sd_pipeline = sd_pipeline  # TRL's name for the wrapped model
-        self.image_samples_callback = image_samples_hook
-        final = config.train_final_step
+        self.image_samples_callback, final = image_samples_hook, config.train_final_step
         self.train_final_step = final if final is not None else sd_pipeline.trains_final_step
         self.trained_steps = TrainedSteps.from_config(config, self.train_final_step)
         self.num_trainable_steps = self.trained_steps.num_trainable
@@ -758,7 +758,7 @@ class TDPOTrainer(DDPOTrainer):
             private=private, token=token, commit_message=commit_message, revision=revision,
         )  # fmt: skip
 
-    def _guard(self) -> Optional[OverOptimizationGuard]:
+    def _guard(self) -> Optional[OverOptimizationGuard]:  # the run's guard, if any
         return sharing.guard_of(self)
 
     # ------------------------------------------------------------------ the loop
@@ -778,6 +778,7 @@ class TDPOTrainer(DDPOTrainer):
                 f"train(epochs={epochs}) goes past num_epochs={self.config.num_epochs}, where the "
                 f"{self.config.train_lr_scheduler!r} learning-rate schedule ends; set num_epochs to {epochs} instead"
             )
+        warn_unsaved_epochs(epochs, self.config.save_freq)
         global_step = self.progress.global_step
         bar = tqdm(
             range(self.progress.epoch, epochs),

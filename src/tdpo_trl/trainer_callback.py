@@ -82,10 +82,25 @@ def call_event(callbacks: list[TDPOCallback], event: str, trainer: Any, **kwargs
 
 
 class JSONLinesLoggerCallback(TDPOCallback):
-    """Appends every logged record (one per epoch) to `path` as a JSON line; non-finite numbers become `null`."""
+    """Appends every logged record (one per epoch) to `path` as a JSON line; non-finite numbers become `null`.
+
+    A resumed run first drops the records of the epochs it runs again (those logged after its checkpoint was written,
+    before an interruption), so the file holds each epoch once."""
 
     def __init__(self, path: str):
         self.path = path
+
+    def on_train_begin(self, trainer, *, epoch: int, **kwargs):
+        if not trainer.accelerator.is_main_process or not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if not line.strip() or json.loads(line).get("epoch", -1) < epoch]
+        if len(kept) < len(lines):
+            temporary = f"{self.path}.tmp"
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(temporary, self.path)  # all or nothing: an interruption leaves the old file
 
     def on_log(self, trainer, *, logs: dict[str, float], step: int, **kwargs):
         if not trainer.accelerator.is_main_process:

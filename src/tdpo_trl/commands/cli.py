@@ -15,11 +15,16 @@ import re
 import sys
 from typing import Optional
 
+from ..hub import HubUploadError
+
 
 DEBUG_ENV = "TDPO_TRL_DEBUG"
 # What a user's mistake raises (config validation, missing files, damaged checkpoints); anything else is a bug and
 # keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
+    HubUploadError,  # the Hub could not be reached or refused: the message says where the saved files are
+)  # fmt: skip
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -29,9 +29,10 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from ..guard import OverOptimizationGuard
+from ..hub import check_repo_id
 from ..loading import check_model_reference, load_pretrained
 from ..pipelines import FAMILIES, TDPOStableDiffusionPipeline, TDPOStableDiffusionXLPipeline, family_for
-from ..prompts import get_prompt_function
+from ..prompts import check_template, get_prompt_function
 from ..rewards import REWARD_FUNCTIONS, get_reward_function, is_distribution_reward
 from ..scoring import shown_reward_key
 from ..tasks import load_tasks
@@ -170,6 +171,13 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Where to save the final LoRA (diffusers format), critic and model card; None: skip."},
     )
+    hub_model_id: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "With --push_to_hub true: the Hub repo (user/name) the trained LoRA, critic and model card go to "
+            "after training (saved first to --save_dir, or <run folder>/hub/<name>)."
+        },
+    )
     guard: JSONDict = field(
         default_factory=JSONDict,
         metadata={
@@ -192,8 +200,18 @@ class ScriptArguments:
 
     def __post_init__(self):
         check_model_reference(self.pretrained_model, "pretrained_model", tuple(MODEL_DEFAULTS))
+        check_template(self.prompt_template, "prompt_template")
+        unknown = sorted(set(self.guard_lower_is_better) - set(self.guard))
+        if unknown:
+            raise ValueError(
+                f"`guard_lower_is_better` names {unknown}, which `guard` does not watch; expected some of "
+                f"{sorted(self.guard)}"
+            )
         with field_errors("guard"):  # the guard checks its tolerances and action
             self.over_optimization_guard()
+        if self.hub_model_id is not None:
+            with field_errors("hub_model_id"):
+                check_repo_id(self.hub_model_id)
 
     def over_optimization_guard(self) -> Optional[OverOptimizationGuard]:
         """The `OverOptimizationGuard` that `--guard` describes; None without one."""
@@ -328,10 +346,18 @@ def print_history(trainer: TDPOTrainer):
 
 
 def main(script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
+    if config.push_to_hub and not script_args.hub_model_id:
+        raise ValueError("`push_to_hub` is true but no `hub_model_id` names the repo to push to (e.g. user/my-lora)")
+    if script_args.hub_model_id and not config.push_to_hub:
+        raise ValueError(f"`hub_model_id` is {script_args.hub_model_id!r} but `push_to_hub` is false; set it true")
     trainer = build_trainer(script_args, config)
     trainer.train()
     if script_args.save_dir:
         trainer.save_pretrained(script_args.save_dir)
+    if config.push_to_hub:  # saves again (into --save_dir if given), then uploads; a failure keeps the files
+        url = trainer.push_to_hub(script_args.hub_model_id, local_dir=script_args.save_dir)
+        if trainer.accelerator.is_main_process:
+            print(f"pushed:      {url}")
     if trainer.accelerator.is_main_process:
         print_history(trainer)
         project_dir = trainer.accelerator.project_dir

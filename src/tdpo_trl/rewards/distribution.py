@@ -59,18 +59,25 @@ class DistributionReward:
         raise NotImplementedError
 
     def rewards_from_features(self, features: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
-        """`(N, D)` features of the whole batch -> `(N,)` rewards and `{"group_score": mean S(G) over groups}`."""
+        """`(N, D)` features of the whole batch -> `(N,)` rewards and `{"group_score": mean S(G) over groups}`.
+        A row with a NaN or infinite feature is left out of its group and rewarded NaN (the trainer gives it
+        advantage 0); a group with no finite row has no score."""
         if len(prompts) != len(features):
             raise ValueError(f"{len(prompts)} prompts for {len(features)} feature rows")
         features = features.float()
-        rewards = torch.empty(len(features), dtype=torch.float32, device=features.device)
+        rewards = torch.full((len(features),), float("nan"), dtype=torch.float32, device=features.device)
+        finite = torch.isfinite(features).all(1)  # a sample whose features failed is left out and rewarded NaN
         scores = []
         for group in prompt_groups(list(prompts)):
             group = group.to(features.device)
+            group = group[finite[group]]
+            if not len(group):
+                continue
             score, without = self.group_scores(features[group])
             rewards[group] = score - without if self.credit == "leave_one_out" else score.expand(len(group))
             scores.append(score)
-        return rewards, {"group_score": torch.stack(scores).mean().item(), "num_groups": len(scores)}
+        group_score = torch.stack(scores).mean().item() if scores else float("nan")
+        return rewards, {"group_score": group_score, "num_groups": len(scores)}
 
     def batch_score(self, images: torch.Tensor, prompts) -> float:
         """Mean S(G) over the prompt groups of a batch: the distribution metric itself (e.g. -TV to the target)."""
@@ -167,7 +174,8 @@ class StatisticalParity(DistributionReward):
             raise ValueError(f"`distance` must be one of {DISTANCES}, got {distance!r}")
         if target is not None:
             given, target = target, torch.as_tensor(target, dtype=torch.float32)
-            if target.dim() != 1 or (target < 0).any() or abs(target.sum().item() - 1) > 1e-4:
+            bad = target.dim() != 1 or not torch.isfinite(target).all() or (target < 0).any()
+            if bad or abs(target.sum().item() - 1) > 1e-4:
                 shown = given.tolist() if isinstance(given, torch.Tensor) else given
                 raise ValueError(f"`target` must be a 1-d distribution (non-negative, sums to 1), got {shown}")
         if min_confidence is not None and not (hard and 0 < min_confidence <= 1):
@@ -189,9 +197,12 @@ class StatisticalParity(DistributionReward):
         confidence, labels = probabilities.max(1)
         classes = probabilities.shape[1]
         if self.min_confidence is None:
-            return torch.nn.functional.one_hot(labels, classes).float()  # (B, C)
-        labels = torch.where(confidence >= self.min_confidence, labels, classes)  # `classes`: unreadable
-        return torch.nn.functional.one_hot(labels, classes + 1).float()  # (B, C + 1), last column: unreadable
+            counts = torch.nn.functional.one_hot(labels, classes).float()  # (B, C)
+        else:
+            labels = torch.where(confidence >= self.min_confidence, labels, classes)  # `classes`: unreadable
+            counts = torch.nn.functional.one_hot(labels, classes + 1).float()  # (B, C + 1), last column: unreadable
+        counts[~torch.isfinite(probabilities).all(1)] = float("nan")  # a failed reading counts as no sample
+        return counts
 
     def _distance(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # p (..., C), q (C,) -> (...)
         if self.distance == "total_variation":

@@ -1,0 +1,153 @@
+"""Bad values never pass quietly, and the command line does what its flags say (issue: reliability, second round):
+non-finite or out-of-range config values, prompt templates, NaN attribute readings, guard judges, `--push_to_hub`,
+`metrics.jsonl` after a resume, and epochs left out of checkpoints."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from conftest import cat_prompt, tiny_config
+from datasets import Dataset
+from test_saving import FakeHub
+
+from tdpo_trl import OverOptimizationGuard, StatisticalParity, TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
+from tdpo_trl.commands.cli import entry_point
+from tdpo_trl.prompts import DatasetPromptSource, PromptSource
+from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
+from tdpo_trl.trainer_callback import JSONLinesLoggerCallback
+
+
+SMALL = ["--sample_batch_size", "4", "--sample_num_batches_per_epoch", "1", "--train_batch_size", "4"]
+
+
+def cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        entry_point(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train_learning_rate", math.inf, "`train_learning_rate` must be a finite number, got inf"),
+        ("kl_coef", math.nan, "`kl_coef` must be a finite number, got nan"),
+        ("pretrain_loss_coef", math.inf, "`pretrain_loss_coef` must be a finite number, got inf"),
+        ("train_max_grad_norm", math.nan, "`train_max_grad_norm` must be a finite number, got nan"),
+        ("num_checkpoint_limit", -1, "`num_checkpoint_limit` must be None (keep every checkpoint) or >= 1, got -1"),
+        ("num_checkpoint_limit", 0, "`num_checkpoint_limit` must be None (keep every checkpoint) or >= 1, got 0"),
+    ],
+)
+def test_non_finite_and_out_of_range_config_values_are_refused(field, value, message):
+    with pytest.raises(ValueError) as error:
+        TDPOConfig(mixed_precision="no", **{field: value})
+    assert str(error.value) == message
+    TDPOConfig(mixed_precision="no", num_checkpoint_limit=None)  # None keeps every checkpoint
+
+
+def test_num_checkpoint_limit_minus_one_is_refused_on_the_command_line(capsys):
+    assert "--num_checkpoint_limit must be None (keep every checkpoint) or >= 1, got -1" in cli_error(
+        ["train", "--num_checkpoint_limit", "-1"], capsys
+    )
+
+
+@pytest.mark.parametrize(
+    "template, found",
+    [("{{}}", "it has no '{}' field(s)"), ("{} {x}", "it names ['x']"), ("{}{}", "it has 2 '{}' field(s)")],
+)
+def test_a_template_must_have_exactly_one_empty_field(template, found):
+    expected = f"`template` must be a str with exactly one '{{}}' (e.g. 'a photo of a {{}}'; '{{}}' uses the prompts as they are), got {template!r}: {found}"  # noqa: E501
+    with pytest.raises(ValueError) as error:
+        PromptSource(["cat"], template=template)
+    assert str(error.value) == expected
+    with pytest.raises(ValueError, match="exactly one"):
+        DatasetPromptSource("unused", "prompt", template=template, dataset=Dataset.from_dict({"prompt": ["a cat"]}))
+    with pytest.raises(ValueError, match="is not a valid format string"):
+        PromptSource(["cat"], template="a {")
+    assert PromptSource(["cat"], template="{{braces}} {}")()[0] == "{braces} cat"
+
+
+def test_a_bad_template_is_one_line_on_the_command_line(capsys):
+    error = cli_error(["train", "--pretrained_model", "tiny", "--prompt_template", "{} {x}"], capsys)
+    assert "error: --prompt_template must be a str with exactly one '{}'" in error and "it names ['x']" in error
+
+
+def readings(rows: list[list[float]]):
+    return lambda images: torch.tensor(rows)
+
+
+def test_a_nan_attribute_reading_counts_as_no_sample():
+    prompts = ["p"] * 4
+    with_nan = StatisticalParity(readings([[1.0, 0.0], [0.0, 1.0], [math.nan, math.nan], [1.0, 0.0]]))
+    rewards, info = with_nan(torch.zeros(4, 3, 2, 2), prompts)
+    assert math.isnan(rewards[2]) and torch.isfinite(rewards[[0, 1, 3]]).all()
+    without = StatisticalParity(readings([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    expected, expected_info = without(torch.zeros(3, 3, 2, 2), prompts[:3])
+    torch.testing.assert_close(rewards[[0, 1, 3]], expected)  # the group is scored on the readable samples
+    assert info["group_score"] == expected_info["group_score"]
+    all_nan = StatisticalParity(readings([[math.nan, 0.5]] * 4))
+    rewards, info = all_nan(torch.zeros(4, 3, 2, 2), prompts)
+    assert torch.isnan(rewards).all() and math.isnan(info["group_score"])  # the trainer refuses an all-NaN epoch
+    with pytest.raises(ValueError, match=r"`target` must be a 1-d distribution .* got \[nan, 1.0\]"):
+        StatisticalParity(readings([[1.0, 0.0]]), target=[math.nan, 1.0])
+
+
+def test_a_guard_judge_typo_in_lower_is_better_is_refused(capsys):
+    with pytest.raises(ValueError, match=r"`lower_is_better` names \['digit_nearest_rel'\], which the guard does not"):
+        OverOptimizationGuard({"digit_nearest_real": 0.01}, lower_is_better=("digit_nearest_rel",))
+    guard = ["--guard", '{"digit_nearest_real": 0.01}', "--eval_freq", "1"]
+    error = cli_error(["train", *guard, "--guard_lower_is_better", "digit_nearest_rel"], capsys)
+    assert "--guard_lower_is_better names ['digit_nearest_rel'], which --guard does not watch" in error
+
+
+def test_push_to_hub_on_the_command_line_needs_a_repo_and_pushes(tmp_path, capsys):
+    base = ["train", "--pretrained_model", "tiny", "--use_lora", "true", "--num_epochs", "1", *SMALL]
+    base += ["--logdir", str(tmp_path / "logs")]
+    assert "--push_to_hub is true but no --hub_model_id names the repo" in cli_error(
+        [*base, "--push_to_hub", "true"], capsys
+    )
+    assert "--hub_model_id is 'me/x' but --push_to_hub is false" in cli_error(
+        [*base, "--hub_model_id", "me/x"], capsys
+    )
+    assert "is not a valid Hub repo id" in cli_error(
+        [*base, "--push_to_hub", "true", "--hub_model_id", "bad id!!"], capsys
+    )
+    with FakeHub() as hub:
+        entry_point([*base, "--push_to_hub", "true", "--hub_model_id", "me/tiny", "--save_dir", str(tmp_path / "out")])
+    assert "pytorch_lora_weights.safetensors" in hub.files and "README.md" in hub.files
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    capsys.readouterr()
+    with FakeHub(fail=True), pytest.raises(SystemExit) as exit_info:  # trains, saves, then the push fails
+        entry_point([*base, "--run_name", "again", "--push_to_hub", "true", "--hub_model_id", "me/tiny"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
+    assert exit_info.value.code == 2 and error.startswith("tdpo-trl train: error: ")
+    assert "Network is unreachable" in error and "again/hub/tiny" in error  # where the saved files are
+    assert (tmp_path / "logs" / "again" / "hub" / "tiny" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_resumed_run_logs_each_epoch_once(tmp_path):
+    def run(epochs, resume):
+        config = tiny_config(
+            tmp_path, num_epochs=epochs, save_freq=1, resume_from=str(tmp_path / "logs" / "test") if resume else ""
+        )
+        pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0))
+        callback = JSONLinesLoggerCallback(str(tmp_path / "metrics.jsonl"))
+        TDPOTrainer(config, mean_brightness, cat_prompt, pipeline, callbacks=[callback]).train()
+
+    run(2, resume=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # epoch 2 logged, then killed before its checkpoint
+        f.write(json.dumps({"epoch": 2, "reward/mean": 0.0}) + "\n")
+    run(3, resume=True)
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "metrics.jsonl")]
+    assert epochs == [0, 1, 2]
+
+
+def test_epochs_left_out_of_checkpoints_are_warned_about(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    config = tiny_config(tmp_path, num_epochs=3, save_freq=2)
+    TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion())).train()
+    assert "num_epochs 3 is not a multiple of save_freq 2: the last 1 epoch(s) are not checkpointed" in caplog.text

@@ -151,3 +151,31 @@ def test_epochs_left_out_of_checkpoints_are_warned_about(tmp_path, caplog):
     config = tiny_config(tmp_path, num_epochs=3, save_freq=2)
     TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion())).train()
     assert "num_epochs 3 is not a multiple of save_freq 2: the last 1 epoch(s) are not checkpointed" in caplog.text
+
+
+def test_resume_on_the_digits_model_is_bit_exact(tmp_path, monkeypatch):
+    """The digit judges are built on their first call and draw their initial weights from the global RNG: a resumed
+    run builds them before the RNG state is restored, as an uninterrupted run had before its checkpoint."""
+    from tdpo_trl.digits import judges, load_digits_pipeline
+    from tdpo_trl.rewards import get_reward_function
+
+    def run(name, epochs, resume=False):
+        monkeypatch.setattr(judges, "_SHARED", {})  # a new process: the judges are not loaded yet
+        config = tiny_config(
+            tmp_path, run_name=name, num_epochs=epochs, save_freq=1, sample_num_steps=3,
+            resume_from=str(tmp_path / "logs" / name) if resume else "",
+            eval_reward_functions=["digit_accuracy"],
+        )  # fmt: skip
+        pipeline = TDPOStableDiffusionPipeline(load_digits_pipeline())
+        prompts = lambda: ("a handwritten digit three", {})  # noqa: E731
+        trainer = TDPOTrainer(config, get_reward_function("digit_ink"), prompts, pipeline)
+        trainer.train()
+        return {n: p.detach().clone() for n, p in trainer._named_weights()}
+
+    straight = run("straight", 3)
+    run("resumed", 2)
+    resumed = run("resumed", 3, resume=True)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), [
+        k for k in straight if not torch.equal(straight[k], resumed[k])
+    ][:3]

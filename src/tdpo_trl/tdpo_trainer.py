@@ -55,7 +55,7 @@ from .optimization import EpochLearningRate, OptimizerGroup, clip_and_step, grad
 from .pipelines import TDPOPipeline, guide, is_guided
 from .prompts import has_state
 from .regularizers import PretrainingData, ReferenceKL, pretraining_inputs
-from .rewards import get_reward_function, reward_name, short_name
+from .rewards import get_reward_function, reward_name, short_name, warm_up
 from .rollout import Rollout, TrainedSteps, sample_rollout
 from .run_folder import resolve_run_folder
 from .tasks import Task, TaskPrompts, check_tasks, pretrain_weight_of
@@ -324,9 +324,10 @@ class TDPOTrainer(DDPOTrainer):
     # ------------------------------------------------------------------ checkpoints
 
     def _resume(self, path: str):
-        """Load weights, optimizers, RNG states, progress, reward statistics and callback state of a (verified)
-        checkpoint, after checking that it was written by a model of the same shape."""
+        """Load a verified checkpoint of a model of the same shape: weights, optimizers, RNG, progress and state."""
         check_structure(path, self.model_structure())
+        for function in [task.reward_function for task in self.tasks] + list(self.eval_reward_functions.values()):
+            warm_up(function)  # before the RNG state is restored: lazy models draw their initial weights
         logger.info(f"Resuming from {path}")
         self.accelerator.load_state(path)
 
@@ -707,11 +708,10 @@ class TDPOTrainer(DDPOTrainer):
         """`heldout/<name>/mean|std` (`task/<task>/heldout/...` with several tasks; `target`: the task's reward) on the
         fixed, seeded held-out prompts (`HeldoutEvaluator`; the training RNG is untouched). The main process saves an
         image grid to `<project_dir>/heldout/epoch_<epoch>.png` (`<task>_epoch_<epoch>.png`)."""
-        save_grid = self.accelerator.is_main_process and epoch is not None
-        grid_folder = f"{self.accelerator.project_dir}/heldout" if save_grid else None
-        results = self.heldout.evaluate(
-            self.sd_pipeline.diffusers_pipeline, self.autocast, self.accelerator.device, grid_folder, epoch
-        )
+        main = self.accelerator.is_main_process and epoch is not None
+        grid_folder = f"{self.accelerator.project_dir}/heldout" if main else None
+        pipeline, device = self.sd_pipeline.diffusers_pipeline, self.accelerator.device
+        results = self.heldout.evaluate(pipeline, self.autocast, device, grid_folder, epoch)
         return {self._task_key(index, k): v for index, task_stats in enumerate(results) for k, v in task_stats.items()}
 
     # ------------------------------------------------------------------ saving and sharing (`sharing`)

@@ -21,6 +21,9 @@ class DigitParity(StatisticalParity):
         super().__init__(self._probabilities, **kwargs)
         self.judges_path = judges_path
 
+    def warm_up(self):
+        shared_judges(self.judges_path)
+
     def _probabilities(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 10)
         classifier = shared_judges(self.judges_path).classifier
         return classifier(grayscale(images.float().cpu())).softmax(-1).to(images.device)
@@ -45,6 +48,9 @@ class DigitDiversity(Diversity):
         if not accuracy_weight >= 0:
             raise ValueError(f"`accuracy_weight` must be >= 0, got {accuracy_weight!r}")
         self.judges_path, self.accuracy_weight = judges_path, accuracy_weight
+
+    def warm_up(self):
+        shared_judges(self.judges_path)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 64)
         classifier = shared_judges(self.judges_path).classifier
@@ -91,6 +97,11 @@ class DigitParityIndependent(StatisticalParity):
     def __init__(self, **kwargs):
         kwargs.setdefault("hard", True)
         super().__init__(self._one_hot, **kwargs)
+
+    def warm_up(self):
+        from .independent_judge import independent_classifier
+
+        independent_classifier()
 
     @staticmethod
     def _one_hot(images: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 16) in [0, 1] -> (B, 10)

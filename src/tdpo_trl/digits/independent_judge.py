@@ -46,6 +46,9 @@ class DigitAccuracyIndependent:
 
     name = "digit_accuracy_independent"
 
+    def warm_up(self):
+        independent_classifier()
+
     def __call__(self, images, prompts, metadata=None):
         labels = independent_labels(images)
         wanted = torch.tensor([label_of(p) for p in prompts])

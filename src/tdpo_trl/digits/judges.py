@@ -182,6 +182,9 @@ class _DigitReward:
     def __init__(self, judges_path: Optional[str] = None):
         self.judges_path = judges_path
 
+    def warm_up(self):
+        shared_judges(self.judges_path)
+
     def __call__(self, images, prompts=None, metadata=None):
         scores = shared_judges(self.judges_path).score(images, prompts, names=(self.key,))
         return scores[self.key].to(images.device), {}

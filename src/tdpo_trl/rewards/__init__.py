@@ -6,7 +6,14 @@ Build one by name with `get_reward_function("aesthetic")`, or a function of your
 importable from here by its class name.
 """
 
-from .contract import REWARD_CONTRACT, call_reward_function, check_reward_output, reward_name, short_name
+from .contract import (
+    REWARD_CONTRACT,
+    call_reward_function,
+    check_reward_output,
+    reward_name,
+    short_name,
+    warm_up,
+)
 from .distribution import (
     CREDIT_MODES,
     DISTANCES,
@@ -63,4 +70,5 @@ __all__ = [
     "register_reward",
     "reward_name",
     "short_name",
+    "warm_up",
 ]

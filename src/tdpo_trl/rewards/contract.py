@@ -29,6 +29,15 @@ def reward_name(function) -> str:
     return "custom (lambda)" if name == "<lambda>" else name
 
 
+def warm_up(function: Callable):
+    """Load whatever `function` loads lazily (its `warm_up()`, if it has one). A resumed run calls it before the
+    RNG state is restored: a model built on the first call draws its initial weights from the global RNG, which an
+    uninterrupted run drew before the checkpoint was written."""
+    method = getattr(function, "warm_up", None)
+    if callable(method):
+        method()
+
+
 def check_reward_output(result: Any, batch_size: int, name: str = "reward function") -> tuple[torch.Tensor, Any]:
     """`(rewards (B,) float32, metadata)` from what a reward function returned for `batch_size` images.
 

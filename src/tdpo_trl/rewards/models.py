@@ -66,6 +66,10 @@ class _LazyModelReward:
         reading the same checkpoint shares them (`modeling_critic.shared_image_features`), one copy in memory."""
         return None
 
+    def warm_up(self):
+        """Load the models now rather than on the first call."""
+        self._load_once()
+
     def _load_once(self):
         if not self._loaded:
             self.load()

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..modeling_critic import shared_image_features
-from .contract import check_reward_output
+from .contract import check_reward_output, warm_up
 from .distribution import is_distribution_reward
 
 
@@ -86,6 +86,10 @@ class WeightedSum:
         """The weighted sum of the components' batch scores (see the class docstring)."""
         with torch.no_grad():
             return self.rewards_from_features(self.features(images, prompts), list(prompts))[1]["group_score"]
+
+    def warm_up(self):
+        for function, _ in self.components.values():
+            warm_up(function)
 
     def image_features(self, name_or_path: str):
         """A component's image features for a critic reading `name_or_path` (see `_LazyModelReward.image_features`)."""

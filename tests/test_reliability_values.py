@@ -179,3 +179,69 @@ def test_resume_on_the_digits_model_is_bit_exact(tmp_path, monkeypatch):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), [
         k for k in straight if not torch.equal(straight[k], resumed[k])
     ][:3]
+
+
+GUARD = ["--eval_freq", "1", "--eval_reward_functions", "jpeg_compressibility", "--eval_num_prompts", "2"]
+GUARD += ["--guard", '{"jpeg_compressibility": 1000}', "--save_freq", "1"]
+
+
+def guarded_run(tmp_path, name, epochs, resume=False):
+    from tdpo_trl.commands import train
+
+    argv = ["--pretrained_model", "tiny", "--use_lora", "true", *SMALL, *GUARD, "--logdir", str(tmp_path / "logs")]
+    argv += ["--num_epochs", str(epochs)]
+    argv += ["--resume_from", str(tmp_path / "logs" / name)] if resume else ["--run_name", name]
+    return train.cli(argv)
+
+
+def test_a_guarded_run_resumes_bit_exactly_from_the_command_line(tmp_path):
+    straight = guarded_run(tmp_path, "straight", 3)
+    guarded_run(tmp_path, "resumed", 2)
+    resumed = guarded_run(tmp_path, "resumed", 3, resume=True)
+    assert resumed.first_epoch == 2 and resumed._guard().start == straight._guard().start
+    a, b = dict(straight._named_weights()), dict(resumed._named_weights())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed._guard().kept_epoch == straight._guard().kept_epoch
+
+
+def test_a_guarded_run_resumes_from_python_with_the_guard_in_the_constructor(tmp_path):
+    from tdpo_trl.commands import train
+
+    guarded_run(tmp_path, "cli", 2)  # the guard was added after construction, after the JSONL logger
+    argv = ["--pretrained_model", "tiny", "--use_lora", "true", *SMALL, *GUARD, "--logdir", str(tmp_path / "logs")]
+    script_args, config = train.parse_args(
+        [*argv, "--num_epochs", "3", "--resume_from", str(tmp_path / "logs" / "cli")]
+    )
+    guard = script_args.over_optimization_guard()
+    prompts = train.get_prompt_function(script_args.prompts, template=script_args.prompt_template, seed=config.seed)
+    pipeline = train.load_pipeline(script_args, config)
+    trainer = TDPOTrainer(config, train.TINY_REWARDS[script_args.reward], prompts, pipeline, callbacks=[guard])
+    assert trainer.first_epoch == 2 and guard.start is not None  # its state came back by name, not by position
+    trainer.train()
+    assert len(trainer.log_history) == 3
+
+
+def resume_args(tmp_path, name, epochs, *extra):
+    from tdpo_trl.commands import train
+
+    argv = ["--pretrained_model", "tiny", "--use_lora", "true", *SMALL, *extra, "--logdir", str(tmp_path / "logs")]
+    return train.parse_args([*argv, "--num_epochs", str(epochs), "--resume_from", str(tmp_path / "logs" / name)])
+
+
+def test_resuming_with_other_stateful_callbacks_is_refused_naming_them(tmp_path):
+    from tdpo_trl.checkpointing import CheckpointError
+    from tdpo_trl.commands import train
+
+    guarded_run(tmp_path, "guarded", 1)  # the neuron reset and the guard hold state
+    script_args, config = resume_args(tmp_path, "guarded", 2, *GUARD)
+    config.neuron_reset = False  # no reset callback this time: its state waits for one that never comes
+    trainer = train.build_trainer(script_args, config)
+    with pytest.raises(CheckpointError, match=r"holds state for \['callback/ActiveNeuronResetCallback'\], which"):
+        trainer.train()
+
+    argv = ["--pretrained_model", "tiny", "--use_lora", "true", *SMALL, "--save_freq", "1", "--num_epochs", "1"]
+    train.cli([*argv, "--logdir", str(tmp_path / "logs"), "--run_name", "plain"])  # no guard
+    script_args, config = resume_args(tmp_path, "plain", 2, *GUARD)
+    pipeline, guard = train.load_pipeline(script_args, config), script_args.over_optimization_guard()
+    with pytest.raises(CheckpointError, match=r"holds no state for \['callback/OverOptimizationGuard'\]"):
+        TDPOTrainer(config, mean_brightness, cat_prompt, pipeline, callbacks=[guard])

@@ -257,3 +257,94 @@ def warn_unsaved_epochs(epochs: int, save_freq: int):
             "checkpointed, so a resume cannot continue from them; save the result with save_pretrained "
             "(`--save_dir`) or choose a save_freq that divides the epochs"
         )
+
+
+class CheckpointedState:
+    """Every piece of state a checkpoint holds besides models and optimizers, saved as one dict keyed by name (so a
+    callback added after construction, or in another order, gets its own state back).
+
+    `add(key, obj)` registers an object with `state_dict` / `load_state_dict`; a state loaded before its object was
+    added (e.g. a callback added after `resume_from`) is handed to it when it is added. Resuming without an object
+    the checkpoint expects, or with one it holds no state for, is refused, naming them.
+    """
+
+    FORMAT = 2  # 1: one accelerate custom object per piece of state, in registration order
+
+    def __init__(self):
+        self.objects: dict[str, object] = {}
+        self.pending: dict[str, dict] = {}  # loaded states whose object is not added yet
+
+    def add(self, key: str, obj):
+        if key in self.objects:
+            raise ValueError(f"two pieces of checkpointed state are named {key!r}")
+        self.objects[key] = obj
+        if key in self.pending:
+            obj.load_state_dict(self.pending.pop(key))
+
+    def add_callback(self, callback):
+        """A callback with `state_dict` and `load_state_dict`, keyed by its class (and rank among its class)."""
+        if not (hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict")):
+            return
+        name = f"callback/{type(callback).__name__}"
+        same = sum(key == name or key.startswith(f"{name}/") for key in self.objects)
+        self.add(name if not same else f"{name}/{same}", callback)
+
+    def state_dict(self) -> dict:
+        return {"format": self.FORMAT, "states": {key: obj.state_dict() for key, obj in self.objects.items()}}
+
+    def load_state_dict(self, state: dict):
+        if not (isinstance(state, dict) and state.get("format") == self.FORMAT):  # a format-1 file of one object
+            return self.load_in_order([state])
+        states = state["states"]
+        missing = [key for key in self.objects if key not in states]
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint holds no state for {missing} (it holds {sorted(states)}); resume with the same "
+                "callbacks, tasks and regularizers it was written with"
+            )
+        for key, obj in self.objects.items():
+            obj.load_state_dict(states[key])
+        self.pending = {key: value for key, value in states.items() if key not in self.objects}
+
+    def check_all_restored(self):
+        """Refuse to train on while the checkpoint holds state that no object of this run took back."""
+        if self.pending:
+            raise CheckpointError(
+                f"the checkpoint holds state for {sorted(self.pending)}, which this run does not have; resume with "
+                "the same callbacks, tasks and regularizers it was written with"
+            )
+
+    def load_in_order(self, states: list):
+        """Format 1 (checkpoints written before the state was named): one state per object, in registration order."""
+        if len(states) != len(self.objects):
+            raise CheckpointError(
+                f"the checkpoint holds {len(states)} pieces of state, this run has {len(self.objects)} "
+                f"({list(self.objects)}); resume with the same callbacks, tasks and regularizers it was written with"
+            )
+        for obj, state in zip(self.objects.values(), states):
+            obj.load_state_dict(state)
+
+
+class _LoadedState:
+    """Receives one custom state from accelerate's `load_state`."""
+
+    state = None
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def load_checkpoint(accelerator, path: str, state: CheckpointedState):
+    """`accelerator.load_state(path)` with `state` registered as the checkpoint's one custom object; a format-1
+    checkpoint (several `custom_checkpoint_<i>.pkl`, written before the state was named) loads in order."""
+    files = [name for name in os.listdir(path) if re.fullmatch(r"custom_checkpoint_\d+\.pkl", name)]
+    if len(files) <= 1:
+        accelerator.load_state(path)
+        return
+    registered, receivers = accelerator._custom_objects, [_LoadedState() for _ in files]
+    accelerator._custom_objects = receivers
+    try:
+        accelerator.load_state(path)
+    finally:
+        accelerator._custom_objects = registered
+    state.load_in_order([receiver.state for receiver in receivers])

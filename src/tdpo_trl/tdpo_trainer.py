@@ -38,9 +38,11 @@ from .advantages import (
     temporal_advantages,
 )
 from .checkpointing import (
+    CheckpointedState,
     StatTrackerState,
     TrainingProgress,
     check_structure,
+    load_checkpoint,
     model_structure,
     register_denoiser_hooks,
     warn_unsaved_epochs,
@@ -269,32 +271,29 @@ class TDPOTrainer(DDPOTrainer):
         return denoiser, inference_dtype
 
     def _register_checkpointed_state(self):
-        """What checkpoints hold besides the trained weights and optimizers, in a fixed order: the progress, the
-        reward statistics, the prompt sources' positions, the callbacks' state and the pretraining data's position."""
+        """What checkpoints hold besides weights and optimizers, by name (`CheckpointedState`): the progress, the
+        reward statistics, the prompts' and the pretraining data's positions, the callbacks' state."""
         register_denoiser_hooks(self.accelerator, self.sd_pipeline, self.denoiser)  # LoRA in diffusers format
-        self.accelerator.register_for_checkpointing(self.progress)
-        for tracker in self.stat_trackers:
-            self.accelerator.register_for_checkpointing(StatTrackerState(tracker))
-        for source in self._prompt_sources:  # a resumed run draws the prompts an uninterrupted one would
+        self.checkpointed = CheckpointedState()
+        self.accelerator.register_for_checkpointing(self.checkpointed)
+        self.checkpointed.add("progress", self.progress)
+        for task, tracker in zip(self.tasks, self.stat_trackers):
+            self.checkpointed.add(f"reward_statistics/{task.name}", StatTrackerState(tracker))
+        for task, source in zip(self.tasks, self._prompt_sources):  # a resumed run draws the same prompts
             if has_state(source):
-                self.accelerator.register_for_checkpointing(source)
+                self.checkpointed.add(f"prompts/{task.name}", source)
         for callback in self.callbacks:
-            self._checkpoint_callback_state(callback)
+            self.checkpointed.add_callback(callback)
         self.pretraining = None  # image-caption batches of the pretraining loss; their position is checkpointed
         if self.config.pretrain_loss_coef > 0:
             self.pretraining = PretrainingData.from_config(self.config, self.sd_pipeline.image_resolution())
-            self.accelerator.register_for_checkpointing(self.pretraining)
+            self.checkpointed.add("pretraining_data", self.pretraining)
 
     def add_callback(self, callback: TDPOCallback):
-        """Add a callback (an instance or a `TDPOCallback` subclass) after construction."""
+        """Add a callback (an instance or a `TDPOCallback` subclass); a resumed run gives it its checkpointed state."""
         (callback,) = check_callbacks([callback])
-        self._checkpoint_callback_state(callback)
+        self.checkpointed.add_callback(callback)
         self.callbacks.append(callback)
-
-    def _checkpoint_callback_state(self, callback: TDPOCallback):
-        """Callback state (e.g. reset counts, RNG) travels with checkpoints."""
-        if hasattr(callback, "state_dict") and hasattr(callback, "load_state_dict"):
-            self.accelerator.register_for_checkpointing(callback)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -329,7 +328,7 @@ class TDPOTrainer(DDPOTrainer):
         for function in [task.reward_function for task in self.tasks] + list(self.eval_reward_functions.values()):
             warm_up(function)  # before the RNG state is restored: lazy models draw their initial weights
         logger.info(f"Resuming from {path}")
-        self.accelerator.load_state(path)
+        load_checkpoint(self.accelerator, path, self.checkpointed)
 
     def model_structure(self) -> dict:
         """What a checkpoint's tensors must fit: LoRA shape and critic shape, by `TDPOConfig` field name."""
@@ -779,6 +778,7 @@ class TDPOTrainer(DDPOTrainer):
                 f"{self.config.train_lr_scheduler!r} learning-rate schedule ends; set num_epochs to {epochs} instead"
             )
         warn_unsaved_epochs(epochs, self.config.save_freq)
+        self.checkpointed.check_all_restored()  # callbacks added since construction have taken their state
         global_step = self.progress.global_step
         bar = tqdm(
             range(self.progress.epoch, epochs),

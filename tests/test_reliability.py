@@ -515,3 +515,23 @@ def test_the_console_command_exits_2_with_one_error_line(tmp_path):
         "tdpo-trl demo: error: --output_dir '/proc/nope' cannot be created or written to: No such file or directory "
         "(--debug shows the traceback)"
     ]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_full_denoiser_training_keeps_fp32_master_weights_under_mixed_precision(
+    tmp_path, precision, fresh_accelerator_state
+):
+    """Trained whole in fp16 weights, Adam's eps (1e-8) underflows and the first step turns most of the UNet NaN;
+    the denoiser keeps fp32 weights and computes under autocast, and the run checkpoints."""
+    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=False)
+    config = tiny_config(tmp_path, mixed_precision=precision, use_lora=False, save_freq=1, num_epochs=1)
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, pipeline)
+    if precision == "fp16":
+        enable_fp16_loss_scaling(trainer, init_scale=2.0**4)
+    before = trained_tensors(trainer)
+    trainer.train()
+    assert pipeline.denoiser.dtype == torch.float32 and pipeline.vae.dtype != torch.float32
+    for name, tensor in trained_tensors(trainer).items():
+        assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), name
+    assert any(not torch.equal(tensor, before[name]) for name, tensor in trained_tensors(trainer).items())
+    assert list_checkpoints(tmp_path / "logs" / "test" / "checkpoints")

@@ -244,19 +244,18 @@ class TDPOTrainer(DDPOTrainer):
         self.training_task: Optional[str] = None  # the task being trained (`step`)
 
     def _init_policy(self) -> tuple[torch.nn.Module, torch.dtype]:
-        """Move the model to the device (frozen modules in the inference dtype), attach the LoRA, keep the KL's
-        reference, build the policy optimizer. Returns the denoiser to prepare and the inference dtype."""
+        """Move the model to the device in its dtypes, attach the LoRA, keep the KL's reference, build the policy
+        optimizer. Returns the denoiser to prepare and the inference dtype."""
         config, pipeline, device = self.config, self.sd_pipeline, self.accelerator.device
         self.sd_pipeline.set_progress_bar_config(disable=True)  # per-step bars; the epoch bar is in `train`
-        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision, torch.float32
-        )
-        for module in (*pipeline.frozen_modules(), pipeline.denoiser):
-            if module.dtype == inference_dtype:
-                module.to(device)
-            else:  # frozen weights are only used for inference
-                module.to(device, dtype=inference_dtype)
+        precision = self.accelerator.mixed_precision
+        inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         pipeline.apply_training_config(config)
+        # frozen weights only serve inference; a whole denoiser being trained keeps fp32 master weights and computes
+        # under autocast, as accelerate and diffusers' training scripts do (fp16 weights and Adam's eps give NaNs)
+        for module in (*pipeline.frozen_modules(), pipeline.denoiser):
+            dtype = torch.float32 if module is pipeline.denoiser and not pipeline.use_lora else inference_dtype
+            module.to(device, **({"dtype": dtype} if module.dtype != dtype else {}))
         denoiser = pipeline.get_trainable_layers()
         # the KL's reference policy: the LoRA disabled, or (full training) a frozen copy of the base denoiser
         self._reference_denoiser = None

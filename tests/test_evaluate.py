@@ -1,6 +1,7 @@
 """`tdpo-trl evaluate` end to end on the tiny pipeline: scores, the cross-reward figure and image grids."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -132,3 +133,26 @@ def test_trainer_scores_training_samples_and_a_heldout_set(tmp_path, tiny_pipeli
     assert again["heldout/target/mean"] == second["heldout/target/mean"]
     assert torch.equal(state, torch.random.get_rng_state())
     assert len(trainer.heldout.prompts(0)) == 3
+
+
+def test_evaluate_verifies_what_it_loads_as_resume_does(run_folder, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from tdpo_trl.commands.cli import entry_point
+
+    run_folder = shutil.copytree(run_folder, tmp_path / "run")  # the module's run stays intact
+    weights = run_folder / "checkpoints" / "checkpoint_1" / "pytorch_lora_weights.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] * 1000  # a LoRA tensor altered after the checkpoint was written
+    save_file(tensors, weights)
+    argv = [
+        "evaluate", "--base", "tiny", "--runs", f"tdpo={run_folder}", "--target_reward", "jpeg_compressibility",
+        "--eval_rewards", "jpeg_incompressibility", "--num_prompts", "2", "--num_steps", "2",
+        "--output_dir", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        entry_point(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "checkpoint_1' cannot be evaluated" in error, error
+    assert "pytorch_lora_weights.safetensors" in error and "nothing of it was loaded" in error

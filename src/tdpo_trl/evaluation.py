@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpointing import list_checkpoints
+from .checkpointing import CheckpointError, checkpoint_problem, list_checkpoints
 from .pipelines import LORA_WEIGHT_NAME
 from .rewards import call_reward_function, is_distribution_reward
 
@@ -101,7 +101,11 @@ def denoiser_name(pipeline) -> str:
 
 
 def _load_into(pipeline, checkpoint: str, base_denoiser):
-    """Put a checkpoint's weights into `pipeline`: its LoRA, or its full denoiser."""
+    """Put a checkpoint's weights into `pipeline`: its LoRA, or its full denoiser; verified against its manifest first,
+    as a resume verifies it (`CheckpointError` naming the damaged file)."""
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{checkpoint!r} cannot be evaluated: {problem}; nothing of it was loaded")
     name = denoiser_name(pipeline)
     setattr(pipeline, name, base_denoiser)
     if os.path.isfile(os.path.join(checkpoint, LORA_WEIGHT_NAME)):

@@ -245,3 +245,36 @@ def test_resuming_with_other_stateful_callbacks_is_refused_naming_them(tmp_path)
     pipeline, guard = train.load_pipeline(script_args, config), script_args.over_optimization_guard()
     with pytest.raises(CheckpointError, match=r"holds no state for \['callback/OverOptimizationGuard'\]"):
         TDPOTrainer(config, mean_brightness, cat_prompt, pipeline, callbacks=[guard])
+
+
+def test_save_pretrained_replaces_a_previous_save_whole_and_never_mixes(tmp_path, monkeypatch):
+    from tdpo_trl import saving
+
+    def trainer_of(**overrides):
+        config = tiny_config(tmp_path, run_name=str(len(overrides)), num_epochs=1, **overrides)
+        return TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+
+    out = tmp_path / "out"
+    trainer_of(use_lora=False).save_pretrained(out)  # a full UNet and a critic head
+    assert (out / "unet").is_dir() and (out / "critic_head.safetensors").exists()
+    trainer_of(use_lora=True, use_critic=False, train_learning_rate=1e-3).save_pretrained(out)
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert not (out / "unet").exists() and not (out / "critic_head.safetensors").exists(), "no stale part remains"
+    assert json.loads((out / "tdpo_config.json").read_text())["use_critic"] is False
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saving, "save_training_config", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer_of(use_lora=True).save_pretrained(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, "a failed save changes nothing"
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"holds files that are not a tdpo-trl save \(\['notes.txt'\]\)"):
+        trainer_of(use_lora=True).save_pretrained(other)
+    assert (other / "notes.txt").read_text() == "keep me"

@@ -12,6 +12,9 @@ import copy
 import json
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,3 +96,33 @@ def save_merged_pipeline(pipeline, denoiser: torch.nn.Module, save_directory: st
     path = os.path.join(save_directory, MERGED_PIPELINE_DIR)
     type(diffusers_pipeline)(**components).save_pretrained(path)
     return path
+
+
+def write_folder_whole(save_directory: str, write: Callable[[str], None]) -> str:
+    """Call `write(folder)` on a staging folder beside `save_directory`, then put it in place whole: a new or empty
+    folder, or a previous save (it holds `tdpo_config.json`), which is replaced entirely, so no stale file of it
+    remains. A folder holding anything else is refused, untouched; a failed write leaves `save_directory` as it was."""
+    save_directory = os.path.abspath(save_directory)
+    if os.path.isdir(save_directory) and os.listdir(save_directory):
+        if not os.path.isfile(os.path.join(save_directory, TRAINING_CONFIG_NAME)):
+            found = sorted(os.listdir(save_directory))[:4]
+            raise FileExistsError(
+                f"`save_directory` {save_directory!r} holds files that are not a tdpo-trl save ({found}); give a new "
+                "or empty folder, or a previous save to replace"
+            )
+    parent, name = os.path.split(save_directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = None
+    if os.path.isdir(save_directory):
+        previous = tempfile.mkdtemp(prefix=f".{name}.previous-", dir=parent)
+        os.replace(save_directory, os.path.join(previous, name))
+    os.replace(staging, save_directory)
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)
+    return save_directory

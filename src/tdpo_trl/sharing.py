@@ -50,24 +50,27 @@ def save_trained(
     repo_id: Optional[str] = None,
 ) -> str:  # fmt: skip
     """Write `trainer`'s LoRA (or denoiser), critic head, training config and model card to `save_directory` (the
-    guard's kept weights, if it kept any). Every process calls it; the main process writes."""
+    guard's kept weights, if it kept any), whole: a previous save there is replaced, not mixed with
+    (`saving.write_folder_whole`). Every process calls it; the main process writes."""
     if os.path.isfile(save_directory):
         raise ValueError(f"`save_directory` {save_directory!r} is a file; give a folder")
     accelerator, guard = trainer.accelerator, guard_of(trainer)
     with guard.kept_weights_applied(trainer) if guard else contextlib.nullcontext():
         check_finite_weights(trainer.trained_parameters(), "the trained weights", save_directory)
         if accelerator.is_main_process:
-            os.makedirs(save_directory, exist_ok=True)
             denoiser = accelerator.unwrap_model(trainer.denoiser)
-            saving.save_policy(trainer.sd_pipeline, denoiser, save_directory)
-            if trainer.critic is not None:
-                head = accelerator.unwrap_model(trainer.critic_head)
-                saving.save_critic_head(head, save_directory, encoder=trainer.config.critic_encoder)
-            saving.save_training_config(trainer.config, save_directory)
-            if merged_pipeline:
-                saving.save_merged_pipeline(trainer.sd_pipeline, denoiser, save_directory)
-            card = model_card_of(trainer, base_model=base_model, repo_id=repo_id)
-            card.save(os.path.join(save_directory, "README.md"))
+
+            def write(folder: str):
+                saving.save_policy(trainer.sd_pipeline, denoiser, folder)
+                if trainer.critic is not None:
+                    head = accelerator.unwrap_model(trainer.critic_head)
+                    saving.save_critic_head(head, folder, encoder=trainer.config.critic_encoder)
+                saving.save_training_config(trainer.config, folder)
+                if merged_pipeline:
+                    saving.save_merged_pipeline(trainer.sd_pipeline, denoiser, folder)
+                model_card_of(trainer, base_model=base_model, repo_id=repo_id).save(os.path.join(folder, "README.md"))
+
+            saving.write_folder_whole(save_directory, write)  # all or nothing; a previous save is replaced whole
         accelerator.wait_for_everyone()
     return save_directory
 

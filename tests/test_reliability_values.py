@@ -15,6 +15,7 @@ from test_saving import FakeHub
 from tdpo_trl import OverOptimizationGuard, StatisticalParity, TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
 from tdpo_trl.commands.cli import entry_point
 from tdpo_trl.prompts import DatasetPromptSource, PromptSource
+from tdpo_trl.rewards import get_reward_function
 from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
 from tdpo_trl.trainer_callback import JSONLinesLoggerCallback
 
@@ -215,7 +216,7 @@ def test_a_guarded_run_resumes_from_python_with_the_guard_in_the_constructor(tmp
     guard = script_args.over_optimization_guard()
     prompts = train.get_prompt_function(script_args.prompts, template=script_args.prompt_template, seed=config.seed)
     pipeline = train.load_pipeline(script_args, config)
-    trainer = TDPOTrainer(config, train.TINY_REWARDS[script_args.reward], prompts, pipeline, callbacks=[guard])
+    trainer = TDPOTrainer(config, get_reward_function(script_args.reward), prompts, pipeline, callbacks=[guard])
     assert trainer.first_epoch == 2 and guard.start is not None  # its state came back by name, not by position
     trainer.train()
     assert len(trainer.log_history) == 3
@@ -278,3 +279,34 @@ def test_save_pretrained_replaces_a_previous_save_whole_and_never_mixes(tmp_path
     with pytest.raises(FileExistsError, match=r"holds files that are not a tdpo-trl save \(\['notes.txt'\]\)"):
         trainer_of(use_lora=True).save_pretrained(other)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_a_streamed_prompt_file_skips_blank_and_comment_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# animals\na cat\n\n   \na dog\n# the end\n")
+    source = DatasetPromptSource("text", "text", streaming=True, data_files=str(path), seed=0)
+    prompts = {source()[0] for _ in range(12)}  # three passes over the file
+    assert prompts == {"a cat", "a dog"}
+    path.write_text("# only comments\n\n")
+    with pytest.raises(ValueError, match="yields no prompts"):
+        DatasetPromptSource("text", "text", streaming=True, data_files=str(path), seed=0)()
+
+
+def test_tasks_file_mistakes_are_one_error_naming_the_entry(tmp_path):
+    from tdpo_trl.tasks import load_tasks
+
+    def tasks_file(text):
+        path = tmp_path / "tasks.yaml"
+        path.write_text(text)
+        return str(path)
+
+    entry = "- name: bright\n  reward: brightness\n  prompts: simple_animals\n"
+    assert load_tasks(tasks_file(entry))[0].reward_function is mean_brightness  # the tiny rewards have names
+    with pytest.raises(ValueError, match=r"entry 0 \('bright'\): `reward_kwargs` must be a mapping, got list"):
+        load_tasks(tasks_file(entry + "  reward_kwargs: [1, 2]\n"))
+    with pytest.raises(ValueError, match=r"entry 0 \('bright'\): `template` must be a str .* got 5"):
+        load_tasks(tasks_file(entry + "  template: 5\n"))
+    with pytest.raises(ValueError, match=r"tasks file .* is not valid YAML \(while parsing"):
+        load_tasks(tasks_file(entry + "  weight: [1\n"))
+    with pytest.raises(ValueError, match=r"entry 0 \('bright'\): unknown reward 'brightnes'"):
+        load_tasks(tasks_file(entry.replace("brightness", "brightnes")))

@@ -129,6 +129,7 @@ class DatasetPromptSource:
         if features and column not in features:
             raise ValueError(f"the dataset {path!r} has no column {column!r}; its columns are {features}")
         self.dataset, self.column, self.template, self.seed = dataset, column, template, seed
+        self.is_text = path == "text"  # a prompt file read as a text dataset: `#` lines are comments
         self.streaming, self.buffer_size = streaming, buffer_size
         self.rng = random.Random(seed)
         self._epoch, self._consumed, self._iterator = 0, 0, None  # pass number, rows read in this pass
@@ -142,17 +143,22 @@ class DatasetPromptSource:
         self._consumed = skip
 
     def _next_streamed(self) -> str:
-        for _ in range(2):  # a pass that ends restarts once; a second empty pass means an empty dataset
+        """The next prompt of the stream; blank rows (and, in a text file, `#` comment lines) are skipped."""
+        passes_without_prompt = 0
+        while passes_without_prompt < 2:  # a pass that ends restarts; two in a row without a prompt: none at all
             if self._iterator is None:
                 self._open_pass()
+                passes_without_prompt += 1
             try:
                 row = next(self._iterator)
             except StopIteration:
                 self._iterator, self._epoch = None, self._epoch + 1
                 continue
             self._consumed += 1
-            return row[self.column]
-        raise ValueError("the streamed prompt dataset yields no rows")
+            prompt = row[self.column]
+            if isinstance(prompt, str) and prompt.strip() and not (self.is_text and prompt.lstrip().startswith("#")):
+                return prompt
+        raise ValueError("the streamed prompt dataset yields no prompts (no row that is not blank or a # comment)")
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate(), "epoch": self._epoch, "consumed": self._consumed}

@@ -132,7 +132,10 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        entries = yaml.safe_load(text)
+        try:
+            entries = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"tasks file {path!r} is not valid YAML ({' '.join(str(err).split())})") from None
     else:
         try:
             entries = json.loads(text)
@@ -153,13 +156,22 @@ def load_tasks(path: str, *, seed: int = 0) -> list[Task]:
         for key in ("name", "reward", "prompts"):
             if not entry.get(key):
                 raise ValueError(f"tasks file {path!r}: entry {position} ({entry.get('name', '?')!r}) has no {key!r}")
+        where = f"tasks file {path!r}: entry {position} ({entry['name']!r})"
+        reward_kwargs = entry.get("reward_kwargs", {})
+        if not isinstance(reward_kwargs, dict):
+            raise ValueError(f"{where}: `reward_kwargs` must be a mapping, got {describe(reward_kwargs)}")
+        try:
+            reward_function = get_reward_function(entry["reward"], **reward_kwargs)
+            prompt_function = get_prompt_function(
+                _beside(path, entry["prompts"]), template=entry.get("template", "{}"), seed=seed + position
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{where}: {err}") from None
         tasks.append(
             Task(
                 name=entry["name"],
-                reward_function=get_reward_function(entry["reward"], **entry.get("reward_kwargs", {})),
-                prompt_function=get_prompt_function(
-                    _beside(path, entry["prompts"]), template=entry.get("template", "{}"), seed=seed + position
-                ),
+                reward_function=reward_function,
+                prompt_function=prompt_function,
                 weight=entry.get("weight", 1.0),
                 pretrain_loss_weight=entry.get("pretrain_loss_weight", 1.0),
                 eval_prompts=_beside(path, entry.get("eval_prompts")),

@@ -40,8 +40,6 @@ from ..tdpo_config import JSONDict, TDPOConfig
 from ..tdpo_trainer import TDPOTrainer
 from ..tiny_models import (
     TINY_TRAINING_DEFAULTS,
-    left_minus_right_brightness,
-    mean_brightness,
     tiny_stable_diffusion,
     tiny_stable_diffusion_xl,
 )
@@ -49,8 +47,6 @@ from ..trainer_callback import JSONLinesLoggerCallback
 from ..validation import check_writable_folder, field_errors
 from .cli import one_line_errors
 
-
-TINY_REWARDS = {"brightness": mean_brightness, "left_minus_right": left_minus_right_brightness}
 
 # The tiny random model: the measured TINY_TRAINING_DEFAULTS, full-UNet training, on the reward it can learn.
 TINY_DEFAULTS = dict(
@@ -280,10 +276,7 @@ def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=Non
         trainer = TDPOTrainer(config, None, None, pipeline or load_pipeline(script_args, config), tasks=tasks)
         return add_callbacks(trainer, script_args, config)
     with field_errors("reward"):
-        if script_args.reward in TINY_REWARDS:
-            reward_function = TINY_REWARDS[script_args.reward]
-        else:
-            reward_function = get_reward_function(script_args.reward, **script_args.reward_kwargs)
+        reward_function = get_reward_function(script_args.reward, **script_args.reward_kwargs)
     with field_errors("prompts"):
         prompt_function = get_prompt_function(
             script_args.prompts, template=script_args.prompt_template, seed=config.seed

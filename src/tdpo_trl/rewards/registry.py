@@ -4,6 +4,7 @@ import importlib
 from collections.abc import Callable
 
 from ..registry import Registry
+from ..tiny_models import left_minus_right_brightness, mean_brightness
 from .distribution import Diversity
 from .models import (
     AestheticScore,
@@ -29,6 +30,9 @@ REWARD_FUNCTIONS = Registry(
         "jpeg_incompressibility": lambda **kwargs: jpeg_incompressibility,
         # distribution-level (`tdpo_trl.rewards.distribution`): one reward per sample from the whole batch
         "diversity": Diversity,
+        # the tiny test models' learnable rewards (`tdpo_trl.tiny_models`)
+        "brightness": lambda **kwargs: mean_brightness,
+        "left_minus_right": lambda **kwargs: left_minus_right_brightness,
     },
 )
 

@@ -5,6 +5,7 @@ non-finite or out-of-range config values, prompt templates, NaN attribute readin
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -310,3 +311,21 @@ def test_tasks_file_mistakes_are_one_error_naming_the_entry(tmp_path):
         load_tasks(tasks_file(entry + "  weight: [1\n"))
     with pytest.raises(ValueError, match=r"entry 0 \('bright'\): unknown reward 'brightnes'"):
         load_tasks(tasks_file(entry.replace("brightness", "brightnes")))
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    def trainer_of(epochs, resume_from="", **overrides):
+        config = tiny_config(tmp_path, run_name="", num_epochs=epochs, save_freq=1, num_checkpoint_limit=None,
+                             resume_from=resume_from, **overrides)  # fmt: skip
+        return TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+
+    run = tmp_path / "logs" / "run"
+    config = tiny_config(tmp_path, run_name="run", num_epochs=3, save_freq=1, num_checkpoint_limit=None)
+    TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion())).train()
+    assert sorted(os.listdir(run / "checkpoints")) == ["checkpoint_0", "checkpoint_1", "checkpoint_2"]
+    branch = trainer_of(3, str(run / "checkpoints" / "checkpoint_0"), train_learning_rate=1e-2)  # another setting
+    assert sorted(os.listdir(run / "checkpoints")) == ["checkpoint_0"]  # the abandoned branch is set aside, kept
+    assert sorted(name.rsplit("_", 2)[0] for name in os.listdir(run / "abandoned")) == ["checkpoint_1", "checkpoint_2"]
+    assert branch.first_epoch == 1
+    later = trainer_of(3, str(run))  # resuming the run continues the live branch, not the abandoned one
+    assert later.first_epoch == 1

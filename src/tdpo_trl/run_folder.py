@@ -1,13 +1,17 @@
 """Where a run writes: its folder (`<logdir>/<run_name>`), its checkpoints, and which checkpoint it resumes from."""
 
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from accelerate.utils import ProjectConfiguration
 
 from .checkpointing import list_checkpoints, resolve_checkpoint, run_folder_of
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,6 +24,23 @@ class RunFolder:
     checkpoint_dir: str
     checkpoint_limit: Optional[int]
     resume_checkpoint: Optional[str]
+    later_checkpoints: list[str] = field(default_factory=list)  # of the run, newer than the one resumed from
+
+    def set_aside_later_checkpoints(self, accelerator):
+        """Resuming a run from one of its earlier checkpoints abandons the newer ones: the main process moves them
+        to `<run>/abandoned/<checkpoint>_<time>`, so that a later resume of the run cannot pick the abandoned
+        branch. Every process waits for it."""
+        if self.later_checkpoints and accelerator.is_main_process:
+            abandoned = os.path.join(os.path.dirname(self.checkpoint_dir), "abandoned")
+            os.makedirs(abandoned, exist_ok=True)
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+            for checkpoint in self.later_checkpoints:
+                destination = os.path.join(abandoned, f"{os.path.basename(checkpoint)}_{stamp}")
+                os.replace(checkpoint, destination)
+                logger.warning(
+                    f"resuming from an earlier checkpoint: moved the newer {checkpoint!r} to {destination!r}"
+                )
+        accelerator.wait_for_everyone()
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -60,4 +81,14 @@ def resolve_run_folder(config) -> RunFolder:
             f"{checkpoint_dir!r} already holds checkpoints ({os.path.basename(existing[-1])} is the latest)"
             f"{what}choose another `run_name` or `logdir`"
         )
-    return RunFolder(ProjectConfiguration(**kwargs), checkpoint_dir, checkpoint_limit, resume_checkpoint)
+    later = []
+    if continues_run and resume_checkpoint:
+        newer = [c for c in existing if _checkpoint_index(c) > _checkpoint_index(resume_checkpoint)]
+        later = (
+            newer if os.path.dirname(os.path.realpath(resume_checkpoint)) == os.path.realpath(checkpoint_dir) else []
+        )
+    return RunFolder(ProjectConfiguration(**kwargs), checkpoint_dir, checkpoint_limit, resume_checkpoint, later)
+
+
+def _checkpoint_index(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path)).rsplit("_", 1)[-1])

@@ -182,6 +182,7 @@ class TDPOTrainer(DDPOTrainer):
                 config.tracker_project_name, config=tracker_config, init_kwargs=config.tracker_kwargs
             )
         set_seed(config.seed, device_specific=True)
+        run_folder.set_aside_later_checkpoints(self.accelerator)  # resuming from an earlier checkpoint of the run
 
         denoiser, inference_dtype = self._init_policy()
         device = self.accelerator.device

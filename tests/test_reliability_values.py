@@ -329,3 +329,62 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path)
     assert branch.first_epoch == 1
     later = trainer_of(3, str(run))  # resuming the run continues the live branch, not the abandoned one
     assert later.first_epoch == 1
+
+
+def test_a_run_folder_is_owned_by_one_live_process(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from tdpo_trl.run_folder import RunFolderInUse
+
+    def trainer_of(run_name, **overrides):
+        config = tiny_config(tmp_path, run_name=run_name, **overrides)
+        return TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+
+    folder = tmp_path / "logs" / "held"
+    folder.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / ".lock").write_text(f"{other.pid} {__import__('socket').gethostname()}")
+        with pytest.raises(RunFolderInUse, match=rf"'.*held' is in use by process '{other.pid} "):
+            trainer_of("held")
+    finally:
+        other.kill()
+        other.wait()
+    trainer = trainer_of("held")  # the holder is gone: its lock is taken over
+    assert (folder / ".lock").read_text().split()[0] == str(os.getpid())
+    trainer.train()
+    assert not (folder / ".lock").exists(), "released when training ends"
+
+    import types
+
+    from tdpo_trl import run_folder
+
+    frozen = types.SimpleNamespace(strftime=lambda fmt: "2026-12-05_10-00-00")  # two runs started in the same second
+    monkeypatch.setattr(run_folder, "time", frozen)
+    first, second = trainer_of("", exp_name="same"), trainer_of("", exp_name="same")
+    assert os.path.basename(first.accelerator.project_dir) == "same_2026-12-05_10-00-00"
+    assert os.path.basename(second.accelerator.project_dir) == "same_2026-12-05_10-00-00_2"
+    assert second.checkpoint_dir == os.path.join(second.accelerator.project_dir, "checkpoints")
+
+
+def test_a_second_command_line_run_into_a_held_folder_exits_2(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    argv = ["-m", "tdpo_trl.commands.cli", "train", "--pretrained_model", "tiny", "--num_epochs", "200", *SMALL,
+            "--save_freq", "1000", "--logdir", str(tmp_path / "logs"), "--run_name", "shared"]  # fmt: skip
+    first = subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "logs" / "shared" / ".lock"
+        for _ in range(600):
+            if lock.exists():
+                break
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"is in use by process '{first.pid} " in second.stderr.strip().splitlines()[-1]

@@ -160,7 +160,6 @@ class TDPOTrainer(DDPOTrainer):
             raise ValueError("an ActiveNeuronResetCallback was given, but `config.use_critic` is False (no critic)")
 
         run_folder = resolve_run_folder(config)
-        self.checkpoint_dir, self.checkpoint_limit = run_folder.checkpoint_dir, run_folder.checkpoint_limit
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
@@ -171,6 +170,8 @@ class TDPOTrainer(DDPOTrainer):
             * (1 if config.use_critic else self.num_train_timesteps),
             **config.accelerator_kwargs,
         )
+        run_folder.take(self.accelerator)  # locked; the checkpoints a resume abandons set aside
+        self.run_folder, self.checkpoint_dir = run_folder, run_folder.checkpoint_dir
         is_okay, message = self._config_check()
         if not is_okay:
             raise ValueError(message)
@@ -182,7 +183,6 @@ class TDPOTrainer(DDPOTrainer):
                 config.tracker_project_name, config=tracker_config, init_kwargs=config.tracker_kwargs
             )
         set_seed(config.seed, device_specific=True)
-        run_folder.set_aside_later_checkpoints(self.accelerator)  # resuming from an earlier checkpoint of the run
 
         denoiser, inference_dtype = self._init_policy()
         device = self.accelerator.device
@@ -360,9 +360,8 @@ class TDPOTrainer(DDPOTrainer):
         destination = f"{self.checkpoint_dir}/checkpoint_{index}"
         check_finite_weights(self._named_weights(), "a checkpoint", destination)  # before anything is written
         self.progress.next_checkpoint = index + 1  # saved inside the checkpoint: a resumed run continues the count
-        return write_checkpoint(
-            self.accelerator, self.checkpoint_dir, index, self.checkpoint_limit, structure=self.model_structure()
-        )
+        limit, structure = self.run_folder.checkpoint_limit, self.model_structure()
+        return write_checkpoint(self.accelerator, self.checkpoint_dir, index, limit, structure=structure)
 
     # ------------------------------------------------------------------ sample
 
@@ -798,3 +797,4 @@ class TDPOTrainer(DDPOTrainer):
                 break
         call_event(self.callbacks, "on_train_end", self, epoch=self.progress.epoch, global_step=global_step)
         self.accelerator.end_training()
+        self.run_folder.release()

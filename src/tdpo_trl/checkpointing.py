@@ -168,7 +168,7 @@ def resolve_checkpoint(path: str) -> str:
         checkpoint = candidates[-1]
     problem = checkpoint_problem(checkpoint)
     if problem is not None:
-        older = [c for c in candidates if _index(c) < _index(checkpoint)]
+        older = [c for c in candidates if checkpoint_index(c) < checkpoint_index(checkpoint)]
         intact = next((c for c in reversed(older) if checkpoint_problem(c) is None), None)
         advice = f"resume from the newest intact one: resume_from={intact!r}" if intact else "no older one is intact"
         raise CheckpointError(f"checkpoint {checkpoint!r} is damaged: {problem}; {advice}")
@@ -181,7 +181,8 @@ def run_folder_of(checkpoint: str) -> Optional[str]:
     return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
-def _index(checkpoint: str) -> int:
+def checkpoint_index(checkpoint: str) -> int:
+    """The `<i>` of a `checkpoint_<i>` folder."""
     return int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
 
 

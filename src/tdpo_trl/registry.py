@@ -8,7 +8,7 @@ looked up that the core does not know.
 """
 
 import importlib.metadata
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 
@@ -63,6 +63,3 @@ class Registry(Mapping):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {sorted(self._entries)})"
-
-
-Factory = Callable[..., Any]

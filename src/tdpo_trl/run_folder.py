@@ -10,7 +10,7 @@ from typing import Optional
 
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
-from .checkpointing import list_checkpoints, resolve_checkpoint, run_folder_of
+from .checkpointing import checkpoint_index, list_checkpoints, resolve_checkpoint, run_folder_of
 
 
 logger = logging.getLogger(__name__)
@@ -128,16 +128,12 @@ def resolve_run_folder(config) -> RunFolder:
         )
     later = []
     if continues_run and resume_checkpoint:
-        newer = [c for c in existing if _checkpoint_index(c) > _checkpoint_index(resume_checkpoint)]
+        newer = [c for c in existing if checkpoint_index(c) > checkpoint_index(resume_checkpoint)]
         later = (
             newer if os.path.dirname(os.path.realpath(resume_checkpoint)) == os.path.realpath(checkpoint_dir) else []
         )
     project = ProjectConfiguration(**kwargs)
     return RunFolder(project, checkpoint_dir, checkpoint_limit, resume_checkpoint, later, auto_named)
-
-
-def _checkpoint_index(path: str) -> int:
-    return int(os.path.basename(os.path.normpath(path)).rsplit("_", 1)[-1])
 
 
 class RunFolderInUse(ValueError):

@@ -7,7 +7,7 @@ methods of this interface, so a new family needs no change elsewhere.
 """
 
 import abc
-import logging
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
@@ -20,8 +20,6 @@ from trl.models import DDPOStableDiffusionPipeline
 
 from ..loading import check_model_reference, load_pretrained
 
-
-logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -360,8 +358,6 @@ class TDPOPipeline(DDPOStableDiffusionPipeline, abc.ABC):
     @property
     def autocast(self):
         """As TRL: no autocast for LoRA (its weights are fp32), else the trainer's accelerator autocast (None)."""
-        import contextlib
-
         return contextlib.nullcontext if self.use_lora else None
 
     def set_progress_bar_config(self, *args, **kwargs):

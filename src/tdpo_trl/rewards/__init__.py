@@ -39,6 +39,8 @@ from .weighted_sum import WeightedSum
 
 def __getattr__(name: str):
     """A reward class registered by a plugin, by its class name (`from tdpo_trl.rewards import DigitInk`)."""
+    if name.startswith("__"):  # introspection (`__wrapped__`, `__path__`, ...) loads no plugin
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     for factory in REWARD_FUNCTIONS.values():
         if isinstance(factory, type) and factory.__name__ == name:
             return factory

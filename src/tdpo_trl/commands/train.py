@@ -31,7 +31,7 @@ from transformers import HfArgumentParser
 from ..guard import OverOptimizationGuard
 from ..hub import check_repo_id
 from ..loading import check_model_reference, load_pretrained
-from ..pipelines import FAMILIES, TDPOStableDiffusionPipeline, TDPOStableDiffusionXLPipeline, family_for
+from ..pipelines import TDPOStableDiffusionPipeline, TDPOStableDiffusionXLPipeline, family_for
 from ..prompts import check_template, get_prompt_function
 from ..rewards import REWARD_FUNCTIONS, get_reward_function, is_distribution_reward
 from ..scoring import shown_reward_key
@@ -246,10 +246,10 @@ def model_family(reference: str, revision: str = "main"):
     from diffusers import DiffusionPipeline
 
     config = load_pretrained(DiffusionPipeline.load_config, reference, "pretrained_model", revision=revision)
-    class_name = config.get("_class_name")
-    if class_name not in FAMILIES:
-        raise ValueError(f"`pretrained_model` {reference!r} is a {class_name!r}; tdpo-trl trains {sorted(FAMILIES)}")
-    return family_for(class_name)
+    try:
+        return family_for(config.get("_class_name"))
+    except ValueError as err:
+        raise ValueError(f"`pretrained_model` {reference!r}: {err}") from None
 
 
 def load_pipeline(script_args: ScriptArguments, config: TDPOConfig) -> TDPOStableDiffusionPipeline:

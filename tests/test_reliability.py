@@ -272,6 +272,7 @@ def test_every_checkpoint_has_a_manifest_of_its_files(tmp_path):
         "use_lora": True, "use_critic": True, "lora_rank": 4, "lora_alpha": 4.0,
         "lora_target_modules": ["to_k", "to_out.0", "to_q", "to_v"], "critic_encoder": "latents",
         "critic_input_dim": 256, "critic_hidden_sizes": [32, 8], "critic_activation": "none",
+        "tasks": ["default"], "pretrain_loss_coef > 0": False,
     }  # fmt: skip
 
 

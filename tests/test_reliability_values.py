@@ -388,3 +388,34 @@ def test_a_second_command_line_run_into_a_held_folder_exits_2(tmp_path):
         first.wait()
     assert second.returncode == 2
     assert f"is in use by process '{first.pid} " in second.stderr.strip().splitlines()[-1]
+
+
+def test_resuming_with_the_pretraining_loss_or_the_tasks_changed_names_the_difference(tmp_path):
+    """Issue case 16: these ended in accelerate's "registered objects" or a critic size-mismatch traceback."""
+    from test_regularizers import smooth_images
+    from test_tasks import two_tasks
+
+    from tdpo_trl.checkpointing import CheckpointError
+
+    folder = str(tmp_path / "pretrain-data")
+    Dataset.from_dict({"image": smooth_images(8), "text": ["a photo of a cat"] * 8}).save_to_disk(folder)
+    pretraining = dict(pretrain_loss_coef=1.0, pretrain_dataset=folder, pretrain_batch_size=4)
+
+    def trainer(name, tasks=None, resume=False, **overrides):
+        config = tiny_config(tmp_path, run_name=name, num_epochs=1 + resume, save_freq=1, **overrides)
+        config.resume_from = str(tmp_path / "logs" / name) if resume else None
+        functions = (None, None) if tasks else (mean_brightness, cat_prompt)
+        return TDPOTrainer(config, *functions, TDPOStableDiffusionPipeline(tiny_stable_diffusion()), tasks=tasks)
+
+    cases = [
+        ("pretraining_off", dict(first=pretraining), "pretrain_loss_coef > 0: checkpoint True, now False"),
+        ("pretraining_on", dict(second=pretraining), "pretrain_loss_coef > 0: checkpoint False, now True"),
+        ("single_to_multi", dict(second_tasks=True), r"tasks: checkpoint \['default'\], now \['bright', 'left'\]"),
+        ("multi_to_single", dict(first_tasks=True), r"tasks: checkpoint \['bright', 'left'\], now \['default'\]"),
+    ]
+    for name, change, message in cases:
+        trainer(name, two_tasks() if change.get("first_tasks") else None, **change.get("first", {})).train()
+        with pytest.raises(CheckpointError, match=r"differently shaped model; nothing was loaded\. .*" + message):
+            trainer(name, two_tasks() if change.get("second_tasks") else None, True, **change.get("second", {}))
+    resumed = trainer("pretraining_on", resume=True)  # the settings it was written with still resume it
+    assert resumed.first_epoch == 1

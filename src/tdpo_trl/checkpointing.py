@@ -140,10 +140,14 @@ def check_structure(folder: str, current: dict):
     recorded = read_structure(folder)
     if recorded is None:
         return
+    newer = {
+        "tasks",
+        "pretrain_loss_coef > 0",
+    }  # not recorded by checkpoints written before tdpo-trl 0.2: not compared
     differences = [
         f"{name}: checkpoint {recorded.get(name)!r}, now {value!r}"
         for name, value in current.items()
-        if recorded.get(name) != value
+        if recorded.get(name) != value and (name in recorded or name not in newer)
     ]
     if differences:
         raise CheckpointError(
@@ -210,17 +214,19 @@ def write_checkpoint(
     return final
 
 
-def model_structure(use_lora: bool, denoiser, critic_head=None, critic_encoder: Optional[str] = None) -> dict:
-    """What a checkpoint's tensors must fit, by `TDPOConfig` field name: the LoRA's shape on `denoiser` (if it has
-    one) and the critic head's (if any), as the manifest records them."""
+def model_structure(use_lora: bool, denoiser, critic_head, config, tasks: list[str]) -> dict:
+    """What a checkpoint's tensors and state must fit, by `TDPOConfig` field name: the LoRA's shape on `denoiser` (if
+    it has one), the critic head's (if any), the task names (one critic output each) and whether the pretraining loss
+    is on (its data position is checkpointed), as the manifest records them."""
     structure = {"use_lora": bool(use_lora), "use_critic": critic_head is not None}
+    structure["tasks"], structure["pretrain_loss_coef > 0"] = list(tasks), config.pretrain_loss_coef > 0
     lora = denoiser.peft_config.get("default") if getattr(denoiser, "peft_config", None) else None
     if lora is not None:
         structure["lora_rank"] = int(lora.r)
         structure["lora_alpha"] = float(lora.lora_alpha)
         structure["lora_target_modules"] = sorted(lora.target_modules)
     if critic_head is not None:
-        structure["critic_encoder"] = critic_encoder
+        structure["critic_encoder"] = config.critic_encoder
         structure["critic_input_dim"] = int(critic_head.input_dim)
         structure["critic_hidden_sizes"] = [int(size) for size in critic_head.hidden_sizes]
         structure["critic_activation"] = critic_head.activation

@@ -331,10 +331,10 @@ class TDPOTrainer(DDPOTrainer):
         load_checkpoint(self.accelerator, path, self.checkpointed)
 
     def model_structure(self) -> dict:
-        """What a checkpoint's tensors must fit: LoRA shape and critic shape, by `TDPOConfig` field name."""
-        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        """What a checkpoint must fit: LoRA and critic shape, tasks, pretraining (`checkpointing.model_structure`)."""
         head = self.accelerator.unwrap_model(self.critic_head) if self.critic is not None else None
-        return model_structure(self.sd_pipeline.use_lora, denoiser, head, self.config.critic_encoder)
+        denoiser, tasks = self.accelerator.unwrap_model(self.denoiser), [task.name for task in self.tasks]
+        return model_structure(self.sd_pipeline.use_lora, denoiser, head, self.config, tasks)
 
     def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """`(name, parameter)` of every trained weight: the LoRA (or denoiser) and the critic head. (Denoiser

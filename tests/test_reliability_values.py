@@ -419,3 +419,78 @@ def test_resuming_with_the_pretraining_loss_or_the_tasks_changed_names_the_diffe
             trainer(name, two_tasks() if change.get("second_tasks") else None, True, **change.get("second", {}))
     resumed = trainer("pretraining_on", resume=True)  # the settings it was written with still resume it
     assert resumed.first_epoch == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 700 KiB tmpfs (a tiny checkpoint is ~390 KiB): a real full disk. Needs the right to mount (root)."""
+    import subprocess
+
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_is_named_and_keeps_what_was_written(small_disk):
+    """Issue case 15: a checkpoint ended in `basic_ios::clear: iostream error`, a save in a `SafetensorError`."""
+    from test_reliability import folder_digest
+
+    from tdpo_trl.checkpointing import checkpoint_problem, list_checkpoints
+    from tdpo_trl.disk_space import DiskFullError
+
+    def trainer(epochs, resume=False):
+        config = tiny_config(small_disk, run_name="run", num_epochs=epochs, save_freq=1)
+        config.resume_from = str(small_disk / "logs" / "run") if resume else None
+        return TDPOTrainer(config, mean_brightness, cat_prompt, TDPOStableDiffusionPipeline(tiny_stable_diffusion()))
+
+    first = trainer(1)
+    first.train()  # checkpoint_0 fits
+    first.save_pretrained(small_disk / "saved")
+    saved = folder_digest(small_disk / "saved")
+    with pytest.raises(DiskFullError, match=r"no space left on the device of .* while writing checkpoint_1 .*the "
+                       r"newest checkpoint, '.*checkpoint_0', is intact; the partial one is removed"):  # fmt: skip
+        trainer(3, resume=True).train()
+    checkpoints = small_disk / "logs" / "run" / "checkpoints"
+    assert (
+        sorted(os.listdir(checkpoints)) == ["checkpoint_0"]
+        and checkpoint_problem(str(checkpoints / "checkpoint_0")) is None
+    )
+
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave less than a save needs
+        f.write(b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - 16 * 1024))
+    with pytest.raises(DiskFullError, match=r"while writing a save to '.*saved' .*'.*saved' is as it was"):
+        first.save_pretrained(small_disk / "saved")
+    assert folder_digest(small_disk / "saved") == saved, "the previous save is untouched"
+    assert sorted(os.listdir(small_disk)) == ["filler", "logs", "saved"], "no partial save left behind"
+
+    filler.unlink()  # space freed: the run resumes from the checkpoint kept
+    resumed = trainer(2, resume=True)
+    assert resumed.first_epoch == 1
+    assert [os.path.basename(c) for c in list_checkpoints(str(checkpoints))] == ["checkpoint_0"]
+
+
+def test_a_full_disk_is_told_as_such_whatever_the_writer_raises(tmp_path, monkeypatch):
+    """Without a small disk to mount: torch's own words for ENOSPC, with the disk reported full."""
+    from tdpo_trl import disk_space
+    from tdpo_trl.disk_space import DiskFullError
+
+    trainer = TDPOTrainer(tiny_config(tmp_path, num_epochs=1, save_freq=1), mean_brightness, cat_prompt,
+                          TDPOStableDiffusionPipeline(tiny_stable_diffusion()))  # fmt: skip
+
+    def no_space(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    monkeypatch.setattr(disk_space, "free_bytes", lambda folder: 1024)
+    with pytest.raises(DiskFullError, match=r"\(0\.0 MiB free\) while writing checkpoint_0 \(RuntimeError: basic_ios"):
+        trainer.train()
+    assert os.listdir(trainer.checkpoint_dir) == []
+    monkeypatch.setattr(disk_space, "free_bytes", lambda folder: 10 * 2**30)  # plenty of space: not a full disk
+    with pytest.raises(RuntimeError, match="basic_ios::clear") as error:
+        trainer.save_checkpoint()
+    assert not isinstance(error.value, DiskFullError)

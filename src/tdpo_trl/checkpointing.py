@@ -19,6 +19,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .disk_space import disk_full_error
+
 
 logger = logging.getLogger(__name__)
 
@@ -200,10 +202,20 @@ def write_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # left by a process killed while saving
         os.makedirs(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(partial, structure)
+    except Exception as err:
+        previous = list_checkpoints(checkpoint_dir)
+        kept = f"the newest checkpoint, {previous[-1]!r}, is intact" if previous else "no checkpoint was written yet"
+        disk_full = disk_full_error(err, checkpoint_dir, f"checkpoint_{index}", kept + "; the partial one is removed")
+        shutil.rmtree(partial, ignore_errors=True)
+        if disk_full is None:
+            raise
+        raise disk_full from err
     if accelerator.is_main_process:
-        write_manifest(partial, structure)
         if os.path.exists(final):  # resumed from an older checkpoint: the newer ones are replaced
             shutil.rmtree(final)
         os.replace(partial, final)

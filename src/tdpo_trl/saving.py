@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .disk_space import disk_full_error
 from .modeling_critic import ValueHead
 from .pipelines import LORA_WEIGHT_NAME
 
@@ -115,9 +116,15 @@ def write_folder_whole(save_directory: str, write: Callable[[str], None]) -> str
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
         write(staging)
-    except BaseException:
+    except BaseException as err:
+        kept = f"{save_directory!r} is as it was; the partial save is removed"
+        disk_full = (
+            disk_full_error(err, parent, f"a save to {save_directory!r}", kept) if isinstance(err, Exception) else None
+        )
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if disk_full is None:
+            raise
+        raise disk_full from err
     previous = None
     if os.path.isdir(save_directory):
         previous = tempfile.mkdtemp(prefix=f".{name}.previous-", dir=parent)

@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Optional
 
+from ..disk_space import DiskFullError
 from ..hub import HubUploadError
 
 
@@ -23,6 +24,7 @@ DEBUG_ENV = "TDPO_TRL_DEBUG"
 # keeps its traceback.
 USER_ERRORS = (
     ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
+    DiskFullError,  # says what was being written and what is kept
     HubUploadError,  # the Hub could not be reached or refused: the message says where the saved files are
 )  # fmt: skip
 

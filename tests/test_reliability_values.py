@@ -494,3 +494,32 @@ def test_a_full_disk_is_told_as_such_whatever_the_writer_raises(tmp_path, monkey
     with pytest.raises(RuntimeError, match="basic_ios::clear") as error:
         trainer.save_checkpoint()
     assert not isinstance(error.value, DiskFullError)
+
+
+def test_a_reward_model_missing_offline_fails_before_training(tmp_path, capsys, monkeypatch, tiny_clip_path):
+    """Issue case 19: `--reward diversity` offline failed after the first epoch's sampling with an OSError."""
+    import huggingface_hub
+
+    from tdpo_trl.rewards import AestheticScore, CLIPScore, Diversity, WeightedSum
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    line = cli_error(["train", "--pretrained_model", "tiny", "--reward", "diversity", *SMALL,
+                      "--logdir", str(tmp_path / "logs")], capsys)  # fmt: skip
+    assert "reward 'diversity' (its default encoder) needs 'config.json' of the Hub repo " in line
+    assert "'openai/clip-vit-large-patch14', which is not in the local Hub cache and cannot be reached" in line
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.jsonl")), "nothing was sampled"
+
+    def trainer(reward, **config):
+        return TDPOTrainer(tiny_config(tmp_path, **config), reward, cat_prompt,
+                           TDPOStableDiffusionPipeline(tiny_stable_diffusion()))  # fmt: skip
+
+    head = AestheticScore(clip_model=tiny_clip_path, head_repo="no-such-org/no-head")
+    with pytest.raises(ValueError, match=r"reward 'aesthetic' needs 'aesthetic-model.pth' of the Hub repo "
+                       "'no-such-org/no-head', which is not in the local Hub cache"):  # fmt: skip
+        trainer(WeightedSum({"brightness": (mean_brightness, 1.0), "aesthetic": (head, 0.1)}))
+    with pytest.raises(ValueError, match=r"reward 'clip_score' needs 'config.json' of the Hub repo 'openai/clip-"):
+        trainer(mean_brightness, eval_reward_functions=["clip_score"])  # an eval reward is checked as well
+    trainer(CLIPScore(model=tiny_clip_path))  # a local folder is available
+    trainer(Diversity(encoder=lambda images: images.flatten(1)))  # so is an encoder given in Python

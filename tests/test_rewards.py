@@ -9,6 +9,7 @@ from transformers import CLIPVisionModelWithProjection
 
 import tdpo_trl.rewards.models as reward_models
 from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer, ValueHead
+from tdpo_trl.loading import check_hub_file
 from tdpo_trl.modeling_critic import CLIP_MEAN, CLIP_STD, clip_pixel_values
 from tdpo_trl.rewards import (
     AestheticScore,
@@ -68,7 +69,12 @@ def aesthetic_files(tmp_path, tiny_clip_path, monkeypatch):
         requested.append((repo_id, filename))
         return str(path)
 
+    def check(repo, filename, needed_by):  # the served head counts as downloadable; anything else is checked
+        if (repo, filename) != ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"):
+            check_hub_file(repo, filename, needed_by)
+
     monkeypatch.setattr(reward_models, "hf_hub_download", download)
+    monkeypatch.setattr(reward_models, "check_hub_file", check)
     return head, requested
 
 

@@ -5,6 +5,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from huggingface_hub import file_exists, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 
@@ -50,3 +51,26 @@ def load_pretrained(load: Callable, value: str, field: str, **kwargs):
             )
         cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ValueError(f"`{field}` {value!r} could not be loaded: {tried}. Cause: {cause}") from err
+
+
+def check_hub_file(repo: str, filename: str, needed_by: str) -> None:
+    """Downloading nothing: `repo` is a local folder, or its `filename` is in the local Hub cache or on the Hub.
+    Otherwise one `ValueError` naming `needed_by`, the repo and the file, so that a model a reward loads on its first
+    call fails before training rather than after the first epoch's sampling."""
+    if os.path.isdir(repo):
+        return
+    what = f"{needed_by} needs {filename!r} of the Hub repo {repo!r}"
+    try:
+        if isinstance(try_to_load_from_cache(repo, filename), str):
+            return
+        found = file_exists(repo, filename)
+    except HFValidationError as err:
+        raise ValueError(f"{what}, which is neither a local folder nor a valid Hub model id ({err})") from None
+    except Exception as err:  # offline mode, no network, a gated or private repo without a token
+        cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{what}, which is not in the local Hub cache and cannot be reached ({type(err).__name__}: {cause}); run "
+            "once with network access, point HF_HOME at a cache that holds it, or pass a local folder"
+        ) from None
+    if not found:
+        raise ValueError(f"{what}, which the Hub does not have (no such file or repo)")

@@ -57,7 +57,7 @@ from .optimization import EpochLearningRate, OptimizerGroup, clip_and_step, grad
 from .pipelines import TDPOPipeline, guide, is_guided
 from .prompts import has_state
 from .regularizers import PretrainingData, ReferenceKL, pretraining_inputs
-from .rewards import get_reward_function, reward_name, short_name, warm_up
+from .rewards import check_available, get_reward_function, reward_name, short_name, warm_up
 from .rollout import Rollout, TrainedSteps, sample_rollout
 from .run_folder import resolve_run_folder
 from .tasks import Task, TaskPrompts, check_tasks, pretrain_weight_of
@@ -152,6 +152,8 @@ class TDPOTrainer(DDPOTrainer):
         if eval_reward_functions is None:
             eval_reward_functions = {short_name(s): get_reward_function(s) for s in config.eval_reward_functions}
         self.eval_reward_functions = dict(eval_reward_functions)
+        self.all_reward_functions = [t.reward_function for t in self.tasks] + list(self.eval_reward_functions.values())
+        check_available(*self.all_reward_functions)  # a model missing offline: an error now, not after an epoch
         self.heldout = HeldoutEvaluator(config, self.tasks, self.prompt_repeats, self.eval_reward_functions)
         has_reset = any(isinstance(c, ActiveNeuronResetCallback) for c in self.callbacks)
         if config.neuron_reset and not has_reset:
@@ -302,9 +304,8 @@ class TDPOTrainer(DDPOTrainer):
 
     @property
     def guided_training(self) -> bool:
-        """Whether the update recomputes log-probs with classifier-free guidance: `train_cfg`, and only when sampling
-        guided (`sample_guidance_scale > 1`); unguided sampling is recomputed unguided, bit for bit and at half the
-        denoiser batch."""
+        """Whether the update recomputes log-probs with classifier-free guidance: `train_cfg` and guided sampling
+        (`sample_guidance_scale > 1`); unguided sampling is recomputed unguided, bit for bit, at half the batch."""
         return self.config.train_cfg and is_guided(self.config.sample_guidance_scale)
 
     def _guided(self, prediction: torch.Tensor) -> torch.Tensor:
@@ -325,8 +326,7 @@ class TDPOTrainer(DDPOTrainer):
     def _resume(self, path: str):
         """Load a verified checkpoint of a model of the same shape: weights, optimizers, RNG, progress and state."""
         check_structure(path, self.model_structure())
-        for function in [task.reward_function for task in self.tasks] + list(self.eval_reward_functions.values()):
-            warm_up(function)  # before the RNG state is restored: lazy models draw their initial weights
+        warm_up(*self.all_reward_functions)  # before the RNG state is restored: lazy models draw initial weights
         logger.info(f"Resuming from {path}")
         load_checkpoint(self.accelerator, path, self.checkpointed)
 

@@ -9,6 +9,7 @@ importable from here by its class name.
 from .contract import (
     REWARD_CONTRACT,
     call_reward_function,
+    check_available,
     check_reward_output,
     reward_name,
     short_name,
@@ -72,5 +73,6 @@ __all__ = [
     "register_reward",
     "reward_name",
     "short_name",
+    "check_available",
     "warm_up",
 ]

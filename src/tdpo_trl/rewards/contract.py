@@ -29,13 +29,23 @@ def reward_name(function) -> str:
     return "custom (lambda)" if name == "<lambda>" else name
 
 
-def warm_up(function: Callable):
-    """Load whatever `function` loads lazily (its `warm_up()`, if it has one). A resumed run calls it before the
+def warm_up(*functions: Callable):
+    """Load whatever each function loads lazily (its `warm_up()`, if it has one). A resumed run calls it before the
     RNG state is restored: a model built on the first call draws its initial weights from the global RNG, which an
     uninterrupted run drew before the checkpoint was written."""
-    method = getattr(function, "warm_up", None)
-    if callable(method):
-        method()
+    for function in functions:
+        method = getattr(function, "warm_up", None)
+        if callable(method):
+            method()
+
+
+def check_available(*functions: Callable):
+    """Check now that the models each function loads lazily can be loaded (its `check_available()`, if it has one):
+    a model missing offline is one `ValueError` before training, not a traceback after the first epoch's sampling."""
+    for function in functions:
+        method = getattr(function, "check_available", None)
+        if callable(method):
+            method()
 
 
 def check_reward_output(result: Any, batch_size: int, name: str = "reward function") -> tuple[torch.Tensor, Any]:

@@ -20,6 +20,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..loading import check_hub_file
+
 
 CREDIT_MODES = ("leave_one_out", "shared")
 DISTANCES = ("total_variation", "kl")
@@ -94,6 +96,9 @@ def is_distribution_reward(function: Any) -> bool:
     return bool(getattr(function, "is_distribution_level", False))
 
 
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # `Diversity`'s default encoder
+
+
 class Diversity(DistributionReward):
     """Within-prompt diversity: S(G) = mean pairwise cosine distance of the frozen embeddings of a prompt's images.
 
@@ -117,8 +122,13 @@ class Diversity(DistributionReward):
         if self._encoder is None:
             from ..modeling_critic import CLIPImageFeatures
 
-            self._encoder = CLIPImageFeatures.from_pretrained("openai/clip-vit-large-patch14").eval()
+            self._encoder = CLIPImageFeatures.from_pretrained(DEFAULT_CLIP).eval()
         return self._encoder
+
+    def check_available(self):
+        """The default encoder, CLIP ViT-L/14, is cached or reachable (see `rewards.check_available`)."""
+        if self._encoder is None:
+            check_hub_file(DEFAULT_CLIP, "config.json", f"reward {self.name!r} (its default encoder)")
 
     def features(self, images, prompts=None, metadata=None):
         with torch.no_grad():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
+from ..loading import check_hub_file
 from ..modeling_critic import CLIPImageFeatures, ValueHead, clip_pixel_values
 
 
@@ -70,6 +71,16 @@ class _LazyModelReward:
         """Load the models now rather than on the first call."""
         self._load_once()
 
+    def hub_files(self) -> list[tuple[str, str]]:
+        """`(repo, filename)` of a file of each Hub model `load` reads (checked by `check_available`)."""
+        return []
+
+    def check_available(self):
+        """Without downloading: each model `load` reads is a local folder, cached, or reachable on the Hub."""
+        if not self._loaded:
+            for repo, filename in self.hub_files():
+                check_hub_file(repo, filename, f"reward {self.name!r}")
+
     def _load_once(self):
         if not self._loaded:
             self.load()
@@ -113,6 +124,9 @@ class AestheticScore(_LazyModelReward):
         state = torch.load(hf_hub_download(self.head_repo, self.head_filename), map_location="cpu", weights_only=True)
         self.head.load_state_dict({key.removeprefix("layers."): value for key, value in state.items()})
 
+    def hub_files(self):
+        return [(self.clip_model, "config.json"), (self.head_repo, self.head_filename)]
+
     def modules(self):
         return [self.features, self.head]
 
@@ -140,6 +154,9 @@ class CLIPTextImageScore(_LazyModelReward):
 
         self.model = CLIPModel.from_pretrained(self.model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+
+    def hub_files(self):
+        return [(self.model_name, "config.json"), (self.tokenizer_name, "tokenizer_config.json")]
 
     def modules(self):
         return [self.model]
@@ -218,6 +235,9 @@ class HPSv2(CLIPTextImageScore):
         checkpoint = torch.load(hf_hub_download(self.repo, self.filename), map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"])
         self.model, self.tokenizer = model, open_clip.get_tokenizer(self.model_name)
+
+    def hub_files(self):
+        return [(self.repo, self.filename)]
 
     def score(self, images, prompts):
         pixels = clip_pixel_values(images, self.model.visual.image_size[0]).to(self.dtype)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..modeling_critic import shared_image_features
-from .contract import check_reward_output, warm_up
+from .contract import check_available, check_reward_output, warm_up
 from .distribution import is_distribution_reward
 
 
@@ -90,6 +90,10 @@ class WeightedSum:
     def warm_up(self):
         for function, _ in self.components.values():
             warm_up(function)
+
+    def check_available(self):
+        for function, _ in self.components.values():
+            check_available(function)
 
     def image_features(self, name_or_path: str):
         """A component's image features for a critic reading `name_or_path` (see `_LazyModelReward.image_features`)."""

@@ -523,3 +523,109 @@ def test_a_reward_model_missing_offline_fails_before_training(tmp_path, capsys, 
         trainer(mean_brightness, eval_reward_functions=["clip_score"])  # an eval reward is checked as well
     trainer(CLIPScore(model=tiny_clip_path))  # a local folder is available
     trainer(Diversity(encoder=lambda images: images.flatten(1)))  # so is an encoder given in Python
+
+
+def test_inputs_that_ended_in_a_traceback_are_one_line(tmp_path, capsys):
+    """Issue case 19: a 20 MB one-line prompt file, a stream without the column, bad accelerator_kwargs, a fake
+    checkpoint folder."""
+    big = tmp_path / "one-line.txt"
+    big.write_text("a " * 10_000_000)  # 20 MB, no newline: tokenizing it took minutes
+    line = cli_error(["train", "--pretrained_model", "tiny", "--prompts", str(big)], capsys)
+    assert "line 1 of the prompt file" in line and "is 19,999,999 characters long" in line
+    assert "a prompt may have at most 10,000" in line
+    from tdpo_trl.validation import CheckedPromptFunction
+
+    def long_prompt():
+        return "x" * 20_001, {}
+
+    with pytest.raises(ValueError, match=r"a prompt of prompt function 'long_prompt' is 20,001 characters long"):
+        CheckedPromptFunction(long_prompt)()  # a prompt function's prompt is checked as well
+
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"text": "a cat"}\n{"text": "a dog"}\n')
+    with pytest.raises(ValueError, match=r"the dataset 'json' has no column 'prompt'; its columns are \['text'\]"):
+        DatasetPromptSource("json", data_files=str(rows), streaming=True)  # a stream of unknown features
+    assert DatasetPromptSource("json", "text", data_files=str(rows), streaming=True)()[0] in ("a cat", "a dog")
+
+    with pytest.raises(
+        ValueError, match=r"`accelerator_kwargs` has 'bad', which accelerate.Accelerator does not take"
+    ):
+        TDPOConfig(mixed_precision="no", accelerator_kwargs={"bad": 1})
+    with pytest.raises(ValueError, match=r"`accelerator_kwargs` sets 'mixed_precision'; set `mixed_precision` inst"):
+        TDPOConfig(mixed_precision="no", accelerator_kwargs='{"mixed_precision": "fp16"}')
+    assert "--accelerator_kwargs has 'bad'" in cli_error(["train", "--accelerator_kwargs", '{"bad": 1}'], capsys)
+
+    (tmp_path / "fake" / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    line = cli_error(["train", "--pretrained_model", "tiny", "--resume_from", str(tmp_path / "fake"),
+                      "--logdir", str(tmp_path / "logs")], capsys)  # fmt: skip
+    assert "checkpoint_0' is damaged: it holds neither a manifest.json nor accelerate's files (found [])" in line
+
+
+def test_an_undecodable_pretraining_image_is_skipped_with_a_warning(tmp_path, caplog):
+    from PIL import Image
+
+    from tdpo_trl.regularizers import PretrainingData, load_pretraining_dataset
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / f"{i}.png")
+        with open(folder / "metadata.jsonl", "a") as f:
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"red {i}"}) + "\n")
+    (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    data = PretrainingData(load_pretraining_dataset(f"imagefolder:{folder}"), batch_size=2, resolution=16)
+    with caplog.at_level(logging.WARNING, logger="tdpo_trl.regularizers"):
+        captions = [caption for _ in range(3) for caption in data.next_batch()[1]]
+    assert sorted(set(captions)) == ["red 0", "red 1", "red 3"] and len(captions) == 6
+    assert "pretraining dataset row 2: its image cannot be decoded" in caplog.text
+    for i in (0, 1, 3):
+        (folder / f"{i}.png").write_bytes(b"broken")
+    broken = PretrainingData(load_pretraining_dataset(f"imagefolder:{folder}"), batch_size=2, resolution=16)
+    with pytest.raises(ValueError, match="no image of the pretraining dataset can be decoded"):
+        broken.next_batch()
+
+
+def test_evaluate_refuses_what_it_cannot_load_or_what_does_not_fit_the_base_model(tmp_path):
+    """Issue case 19: a corrupt, truncated or empty `unet/` ended in tracebacks; a LoRA of another base model was
+    silently evaluated as the base model."""
+    from tdpo_trl.checkpointing import CheckpointError
+    from tdpo_trl.digits.model import load_digits_pipeline
+    from tdpo_trl.evaluation import evaluate_checkpoints
+
+    saved = {}
+    for use_lora in (True, False):
+        config = tiny_config(tmp_path, run_name=f"lora_{use_lora}", num_epochs=1, use_lora=use_lora)
+        pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=use_lora)
+        trainer = TDPOTrainer(config, mean_brightness, cat_prompt, pipeline)
+        trainer.train()
+        saved[use_lora] = tmp_path / f"saved_{use_lora}"
+        trainer.save_pretrained(saved[use_lora])
+
+    def evaluate(pipeline, folder):
+        runs = {"run": str(folder)}
+        return evaluate_checkpoints(pipeline, runs, mean_brightness, {}, ["a cat"], num_inference_steps=2,
+                                    include_base=False)  # fmt: skip
+
+    tiny, digits = tiny_stable_diffusion(), load_digits_pipeline()
+    assert len(evaluate(tiny, saved[True])["run"]) == 1 and len(evaluate(tiny, saved[False])["run"]) == 1
+    with pytest.raises(CheckpointError, match=r"its LoRA does not fit this base model \('unet.down_blocks.1.*names "
+                       r"no module of the base unet.*trained on another base model\?"):  # fmt: skip
+        evaluate(digits, saved[True])
+    with pytest.raises(CheckpointError, match=r"its unet is another architecture than the base model's \(down_block"):
+        evaluate(digits, saved[False])
+
+    weights = next((saved[False] / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cannot be evaluated: its unet/ weights cannot be loaded \(OSError"):
+        evaluate(tiny, saved[False])
+    weights.write_bytes(b"x" * 100)
+    with pytest.raises(CheckpointError, match=r"cannot be evaluated: its unet/ weights cannot be loaded"):
+        evaluate(tiny, saved[False])
+    for file in (saved[False] / "unet").iterdir():
+        file.unlink()
+    with pytest.raises(CheckpointError, match=r"its unet/ folder holds no loadable config.json"):
+        evaluate(tiny, saved[False])
+    lora = saved[True] / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(lora.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"its pytorch_lora_weights.safetensors cannot be read \(SafetensorErr"):
+        evaluate(tiny, saved[True])

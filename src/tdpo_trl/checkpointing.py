@@ -173,6 +173,10 @@ def resolve_checkpoint(path: str) -> str:
             raise ValueError(f"`resume_from` {path!r} holds no complete checkpoint_<i> folder")
         checkpoint = candidates[-1]
     problem = checkpoint_problem(checkpoint)
+    if problem is None and not os.path.isfile(os.path.join(checkpoint, "random_states_0.pkl")):  # save_state writes it
+        problem = (
+            f"it holds neither a {MANIFEST_NAME} nor accelerate's files (found {sorted(os.listdir(checkpoint))[:4]})"
+        )
     if problem is not None:
         older = [c for c in candidates if checkpoint_index(c) < checkpoint_index(checkpoint)]
         intact = next((c for c in reversed(older) if checkpoint_problem(c) is None), None)

@@ -8,10 +8,12 @@ draws target reward (x) against each out-of-domain reward (y), one point per che
 import inspect
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointError, checkpoint_problem, list_checkpoints
@@ -102,17 +104,78 @@ def denoiser_name(pipeline) -> str:
 
 def _load_into(pipeline, checkpoint: str, base_denoiser):
     """Put a checkpoint's weights into `pipeline`: its LoRA, or its full denoiser; verified against its manifest first,
-    as a resume verifies it (`CheckpointError` naming the damaged file)."""
+    as a resume verifies it, and checked to fit the base model (`CheckpointError` naming what is wrong)."""
     problem = checkpoint_problem(checkpoint)
+    name = denoiser_name(pipeline)
+    lora = os.path.join(checkpoint, LORA_WEIGHT_NAME)
+    if problem is None:
+        fit = lora_fit_problem if os.path.isfile(lora) else denoiser_fit_problem
+        problem = fit(checkpoint, name, base_denoiser)
     if problem:
         raise CheckpointError(f"{checkpoint!r} cannot be evaluated: {problem}; nothing of it was loaded")
-    name = denoiser_name(pipeline)
     setattr(pipeline, name, base_denoiser)
-    if os.path.isfile(os.path.join(checkpoint, LORA_WEIGHT_NAME)):
+    if os.path.isfile(lora):
         pipeline.load_lora_weights(checkpoint, weight_name=LORA_WEIGHT_NAME)
     else:
-        denoiser = type(base_denoiser).from_pretrained(checkpoint, subfolder=name)
+        try:
+            denoiser = type(base_denoiser).from_pretrained(checkpoint, subfolder=name)
+        except Exception as err:  # no weights file, or a truncated or corrupt one (OSError, SafetensorError, ...)
+            cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise CheckpointError(
+                f"{checkpoint!r} cannot be evaluated: its {name}/ weights cannot be loaded ({type(err).__name__}: "
+                f"{cause})"
+            ) from err
         setattr(pipeline, name, denoiser.to(device=pipeline.device, dtype=base_denoiser.dtype))
+
+
+def lora_fit_problem(folder: str, name: str, denoiser: torch.nn.Module) -> Optional[str]:
+    """What keeps `folder`'s diffusers-format LoRA (keys `<name>.<module>.lora_A.weight`, ...) from fitting
+    `denoiser` (a module it names is missing, or has other sizes: trained on another base model), else None."""
+    try:
+        weights = load_file(os.path.join(folder, LORA_WEIGHT_NAME))
+    except Exception as err:  # safetensors' own error for a truncated or corrupt file
+        return f"its {LORA_WEIGHT_NAME} cannot be read ({type(err).__name__}: {err})"
+    modules, misfits = dict(denoiser.named_modules()), []
+    for key, tensor in sorted(weights.items()):
+        if not key.startswith(f"{name}."):
+            continue  # another component's LoRA (e.g. the text encoder's)
+        match = re.fullmatch(rf"{name}\.(.+)\.lora(?:\.|_)(down|up|A|B)\.weight", key)
+        module = modules.get(match.group(1)) if match else None
+        if module is None:
+            misfits.append(f"{key!r} names no module of the base {name}")
+        elif match.group(2) in ("down", "A") and tensor.shape[1:] != module.weight.shape[1:]:
+            misfits.append(
+                f"{match.group(1)!r} takes {tuple(module.weight.shape[1:])}, the LoRA {tuple(tensor.shape[1:])}"
+            )
+        elif match.group(2) in ("up", "B") and tensor.shape[0] != module.weight.shape[0]:
+            misfits.append(f"{match.group(1)!r} gives {module.weight.shape[0]}, the LoRA {tensor.shape[0]}")
+    if not weights or misfits:
+        found = "; ".join(misfits[:2]) + (f" (and {len(misfits) - 2} more)" if len(misfits) > 2 else "")
+        return (
+            f"its LoRA does not fit this base model ({found or 'it holds no tensor'}): trained on another base model?"
+        )
+    return None
+
+
+def denoiser_fit_problem(folder: str, name: str, denoiser: torch.nn.Module) -> Optional[str]:
+    """What keeps `folder/<name>` (a whole saved denoiser) from loading in place of `denoiser`: its config missing or
+    unreadable, or of another architecture, else None (the weights themselves are checked as they load)."""
+    try:
+        config = type(denoiser).load_config(os.path.join(folder, name))
+    except Exception as err:  # diffusers raises OSError/EnvironmentError for a missing or unparsable config.json
+        return f"its {name}/ folder holds no loadable config.json ({str(err).splitlines()[0][:200]})"
+    differences = [
+        f"{key}: {config.get(key)!r} here, {value!r} in the base model"
+        for key, value in denoiser.config.items()
+        if not key.startswith("_") and key in config and _as_json(config[key]) != _as_json(value)
+    ]
+    if differences:
+        return f"its {name} is another architecture than the base model's ({'; '.join(differences[:3])})"
+    return None
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))  # tuples and lists compare equal, as config.json stores both as lists
 
 
 def evaluate_checkpoints(

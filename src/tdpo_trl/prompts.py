@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any, Optional
 
+from .validation import check_prompt_length
+
 
 BUILTIN_PROMPT_SETS = ("simple_animals", "digits")  # files in tdpo_trl/prompt_sets/
 # Bytes a streamed local text or JSON-lines file is read in (datasets' default is 10 MB: its chunk and the rows parsed
@@ -23,7 +25,10 @@ STREAM_CHUNK_BYTES = 1 << 18
 
 def _read_lines(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
+        lines = [
+            check_prompt_length(line.strip(), f"line {number} of the prompt file {path!r}")
+            for number, line in enumerate(f, 1)
+        ]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise ValueError(f"the prompt file {path!r} holds no prompt (empty lines and # comments are skipped)")
@@ -126,6 +131,8 @@ class DatasetPromptSource:
                 load_kwargs.setdefault("chunksize", STREAM_CHUNK_BYTES)
             dataset = datasets.load_dataset(path, name, split=split, streaming=streaming, **load_kwargs)
         features = getattr(dataset, "column_names", None) or list(getattr(dataset, "features", None) or [])
+        if not features and streaming:  # a stream of unknown features (e.g. JSON lines): its first row tells
+            features = list(next(iter(dataset), {}))
         if features and column not in features:
             raise ValueError(f"the dataset {path!r} has no column {column!r}; its columns are {features}")
         self.dataset, self.column, self.template, self.seed = dataset, column, template, seed

@@ -8,6 +8,7 @@
   disabled (no second copy), or a frozen copy of it for full training.
 """
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -17,6 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Registry
+
+
+logger = logging.getLogger(__name__)
 
 
 class PretrainingData:
@@ -53,18 +57,35 @@ class PretrainingData:
         return self._order_of[1]
 
     def next_batch(self) -> tuple[torch.Tensor, list[str]]:
-        """`(images (B, 3, R, R) in [-1, 1], captions)`, continuing where the last batch ended."""
-        indices = []
-        while len(indices) < self.batch_size:
-            order = self._order()
-            take = order[self.position : self.position + self.batch_size - len(indices)]
-            indices.extend(int(i) for i in take)
-            self.position += len(take)
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-        rows = self.dataset[indices]
-        images = torch.stack([self._to_tensor(image) for image in rows[self.image_column]])
-        return images, [str(caption) for caption in rows[self.caption_column]]
+        """`(images (B, 3, R, R) in [-1, 1], captions)`, continuing where the last batch ended. A row whose image
+        cannot be decoded (a corrupt file) is skipped with a warning; a dataset with none that can is an error."""
+        images, captions, unreadable_in_a_row = [], [], 0
+        while len(images) < self.batch_size:
+            index = self._next_index()
+            try:
+                row = self.dataset[index]
+                image = self._to_tensor(row[self.image_column])
+            except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+                unreadable_in_a_row += 1
+                if unreadable_in_a_row >= len(self.dataset):
+                    raise ValueError(
+                        f"no image of the pretraining dataset can be decoded (row {index}: {err})"
+                    ) from err
+                logger.warning(f"pretraining dataset row {index}: its image cannot be decoded ({err}); skipped")
+                continue
+            unreadable_in_a_row = 0
+            images.append(image)
+            captions.append(str(row[self.caption_column]))
+        return torch.stack(images), captions
+
+    def _next_index(self) -> int:
+        """The next row of this pass's permutation (a new pass starts after the last)."""
+        order = self._order()
+        index = int(order[self.position])
+        self.position += 1
+        if self.position >= len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+        return index
 
     def _to_tensor(self, image: Any) -> torch.Tensor:
         array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)

@@ -483,6 +483,7 @@ class TDPOConfig(DDPOConfig):
             except ValueError as err:
                 raise ValueError(f"`{name}`: {err}") from None
 
+        self._check_accelerator_kwargs()
         if self.train_adv_clip_max is None:
             self.train_adv_clip_max = math.inf if self.use_critic else 5.0
         if self.reward_normalization is not None and self.reward_normalization not in REWARD_NORMALIZATIONS:
@@ -506,6 +507,30 @@ class TDPOConfig(DDPOConfig):
         if self.neuron_reset is None:
             self.neuron_reset = self.use_critic
         self._check_values()
+
+    def _check_accelerator_kwargs(self):
+        """Keys `accelerate.Accelerator` takes, other than those the trainer sets from other fields."""
+        import inspect
+
+        from accelerate import Accelerator
+
+        from_fields = {
+            "log_with": "log_with",
+            "mixed_precision": "mixed_precision",
+            "project_config": "project_kwargs",
+        }
+        from_fields.update(
+            project_dir="project_kwargs", gradient_accumulation_steps="train_gradient_accumulation_steps"
+        )
+        accepted = set(inspect.signature(Accelerator.__init__).parameters) - {"self"} - set(from_fields)
+        for key in self.accelerator_kwargs:
+            if key in from_fields:
+                raise ValueError(f"`accelerator_kwargs` sets {key!r}; set `{from_fields[key]}` instead")
+            if key not in accepted:
+                raise ValueError(
+                    f"`accelerator_kwargs` has {key!r}, which accelerate.Accelerator does not take; it takes "
+                    f"{sorted(accepted)}"
+                )
 
     def _check_values(self):
         positive_ints = (

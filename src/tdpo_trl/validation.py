@@ -13,6 +13,9 @@ import numpy as np
 import torch
 
 
+# Text encoders read 77 (CLIP) to 512 (T5) tokens; a "prompt" far longer is a wrong file or column, and tokenizing
+# megabytes of it takes minutes.
+MAX_PROMPT_CHARS = 10_000
 PROMPT_CONTRACT = "a prompt function must return one `(prompt, metadata)` pair: `prompt` a str, `metadata` e.g. `{}`"
 
 
@@ -45,7 +48,18 @@ def check_prompt_output(result: Any, name: str = "prompt function") -> tuple[str
     prompt, metadata = result
     if not isinstance(prompt, str):
         raise ValueError(f"{name} returned a prompt that is {describe(prompt)}, not a str; {PROMPT_CONTRACT}")
+    check_prompt_length(prompt, f"a prompt of {name}")
     return prompt, metadata
+
+
+def check_prompt_length(prompt: str, what: str) -> str:
+    """`prompt`, or a `ValueError` if it is longer than `MAX_PROMPT_CHARS` (no text encoder reads that far)."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"{what} is {len(prompt):,} characters long ({prompt[:40]!r}...); a prompt may have at most "
+            f"{MAX_PROMPT_CHARS:,} (text encoders read 77 to 512 tokens): is this the right file or column?"
+        )
+    return prompt
 
 
 class CheckedPromptFunction:

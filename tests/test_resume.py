@@ -36,6 +36,8 @@ MODES = {
     "ddpo": dict(use_critic=False),
     # half the steps trained: the critic embeds only those, chosen at sampling time from the same RNG
     "tdpo-half-steps": dict(train_timestep_fraction=0.5, neuron_reset_frequency=1),
+    # the whole UNet trained: its weights and Adam moments travel in the checkpoint instead of the LoRA's
+    "tdpo-full-unet": dict(use_lora=False, train_learning_rate=1e-4),
 }
 
 
@@ -49,7 +51,7 @@ def train(tmp_path, run_name, epochs, mode, resume=False):
         resume_from=str(tmp_path / "logs" / run_name) if resume else "",
         **MODES[mode],
     )
-    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=True)
+    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=config.use_lora)
     trainer = TDPOTrainer(config, left_minus_right_brightness, random_prompt, pipeline)
     trainer.train()
     return trainer

@@ -51,7 +51,7 @@ def train(tmp_path, run_name, epochs, mode, resume=False):
         resume_from=str(tmp_path / "logs" / run_name) if resume else "",
         **MODES[mode],
     )
-    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=config.use_lora)
+    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(seed=0), use_lora=MODES[mode].get("use_lora", True))
     trainer = TDPOTrainer(config, left_minus_right_brightness, random_prompt, pipeline)
     trainer.train()
     return trainer

@@ -1,21 +1,24 @@
-"""SDXL and SD3 through the same trainer as SD 1.x: exact log-probs, a learnable reward rises, LoRA save -> diffusers
-load gives the trained images, resume is bit-exact (2 processes: tests/test_multiprocess.py)."""
+"""SDXL, SD3 and FLUX through the same trainer as SD 1.x: exact log-probs, a learnable reward rises, LoRA save ->
+diffusers load gives the trained images, resume is bit-exact (2 processes: tests/test_multiprocess.py)."""
 
+import json
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
-from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-from tdpo_trl import TDPOStableDiffusion3Pipeline, TDPOStableDiffusionXLPipeline, TDPOTrainer
+from tdpo_trl import TDPOFluxPipeline, TDPOStableDiffusion3Pipeline, TDPOStableDiffusionXLPipeline, TDPOTrainer
 from tdpo_trl.evaluation import sample_images
 from tdpo_trl.pipelines import LORA_WEIGHT_NAME
 from tdpo_trl.rollout import Rollout
 from tdpo_trl.tiny_models import (
+    TINY_T5_LENGTH,
     TINY_TRAINING_DEFAULTS,
     left_minus_right_brightness,
+    tiny_flux,
     tiny_stable_diffusion_3,
     tiny_stable_diffusion_xl,
 )
@@ -28,7 +31,9 @@ FAMILIES = {
         tiny_stable_diffusion_3,
         lambda pipe, **kw: TDPOStableDiffusion3Pipeline(pipe, max_sequence_length=16, **kw),
     ),
+    "flux": (tiny_flux, lambda pipe, **kw: TDPOFluxPipeline(pipe, max_sequence_length=TINY_T5_LENGTH, **kw)),
 }
+DIFFUSERS_CLASSES = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 
 
 def wrapped(family: str, **kwargs):
@@ -80,6 +85,44 @@ def test_sd3_conditioning_shapes_and_sde_schedule():
     with pytest.raises(ValueError, match="sample_eta"):
         TDPOTrainer(tiny_config(Path(tempfile.mkdtemp()), sample_eta=0.0), left_minus_right_brightness, cat_prompt,
                     wrapped("sd3"))  # fmt: skip
+
+
+def test_flux_conditioning_packed_latents_guidance_and_shifted_schedule(tmp_path):
+    pipeline = wrapped("flux")
+    ids, conditioning = pipeline.encode_prompts(["a cat", "a dog"], "cpu")
+    assert ids.shape == (2, 16)
+    assert {k: tuple(v.shape) for k, v in conditioning.items()} == {
+        "prompt_embeds": (2, TINY_T5_LENGTH, 32),  # T5 tokens
+        "pooled_prompt_embeds": (2, 32),  # CLIP's pooled output
+        "text_ids": (2, TINY_T5_LENGTH, 3),
+        "guidance": (2,),
+    }
+    assert pipeline.latent_shape() == (16, 16) and pipeline.image_resolution() == 16  # 4x4 tokens of 2x2x4 latents
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    packed = pipeline.encode_images(images)
+    assert packed.shape == (2, 16, 16) and pipeline.decode(packed).shape == (2, 3, 16, 16)
+
+    # the schedule diffusers' FluxPipeline samples with: sigmas 1 ... 1/N, shifted by the image's token count
+    diffusers_pipeline = tiny_flux()
+    diffusers_pipeline(["a cat"], num_inference_steps=4, height=16, width=16, output_type="latent",
+                       max_sequence_length=TINY_T5_LENGTH)  # fmt: skip
+    pipeline.set_timesteps(4, "cpu")
+    torch.testing.assert_close(pipeline.scheduler.timesteps, diffusers_pipeline.scheduler.timesteps, rtol=0, atol=0)
+    torch.testing.assert_close(pipeline.scheduler.sigmas, diffusers_pipeline.scheduler.sigmas, rtol=0, atol=0)
+
+    # guidance-distilled: the scale is a transformer input (it changes the prediction), never a doubled batch
+    trainer = TDPOTrainer(tiny_config(tmp_path, sample_guidance_scale=5.0), left_minus_right_brightness, cat_prompt,
+                          wrapped("flux"))  # fmt: skip
+    assert not trainer.guided_training and not trainer.sd_pipeline.guided(5.0)
+    assert trainer.sd_pipeline.guidance_scale == 5.0 and not trainer.train_final_step
+    inputs = trainer.sd_pipeline.denoiser_inputs(packed, torch.full((2,), 500.0), conditioning, cfg=False)
+    with torch.no_grad():
+        at_5 = trainer.sd_pipeline.predict(trainer.sd_pipeline.denoiser, {**inputs, "guidance": torch.full((2,), 5.0)})
+        at_1 = trainer.sd_pipeline.predict(trainer.sd_pipeline.denoiser, {**inputs, "guidance": torch.ones(2)})
+    assert at_5.shape == packed.shape and not torch.allclose(at_5, at_1)
+    samples, _ = trainer._generate_samples(1, 4)
+    assert samples[0]["latents"].shape == (4, 4, 16, 16)  # (B, T, tokens, channels): no CFG rows
+    assert (samples[0]["guidance"] == 5.0).all()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -163,10 +206,11 @@ def test_lora_saved_for_diffusers_reproduces_the_trained_images(tmp_path, family
     trainer.train()
     trainer.save_pretrained(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / LORA_WEIGHT_NAME).is_file()
-    diffusers_class = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    diffusers_class = DIFFUSERS_CLASSES[family]
     assert f"{diffusers_class.__name__}.from_pretrained(" in (tmp_path / "saved" / "README.md").read_text()
 
-    settings = dict(seed=7, num_inference_steps=4, guidance_scale=5.0, eta=1.0, batch_size=2)
+    resolution = trainer.sd_pipeline.image_resolution()  # the tiny FLUX's 16 px is not FluxPipeline's default
+    settings = dict(seed=7, num_inference_steps=4, guidance_scale=5.0, eta=1.0, batch_size=2, resolution=resolution)
     prompts = ["a photo of a cat", "a dog"]
     trained = sample_images(trainer.sd_pipeline.diffusers_pipeline, prompts, **settings)
     loaded = FAMILIES[family][0]()  # a fresh base
@@ -228,10 +272,10 @@ def test_tdpo_trl_train_runs_the_tiny_sdxl(tmp_path):
     assert unet.config.addition_embed_type == "text_time"
 
 
-def test_sd3_full_transformer_saves_resumes_and_evaluates(tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_full_transformer_saves_resumes_and_evaluates(tmp_path, family):
     """Without LoRA the whole transformer goes under `transformer/`: save_pretrained, checkpoints and resume,
-    `evaluate_checkpoints` and the model card's usage all read it there."""
-    from diffusers import SD3Transformer2DModel
+    `evaluate_checkpoints` and the model card's usage all read it there (SD3 and FLUX)."""
     from huggingface_hub import ModelCard
 
     from tdpo_trl.evaluation import evaluate_checkpoints
@@ -241,7 +285,7 @@ def test_sd3_full_transformer_saves_resumes_and_evaluates(tmp_path):
             tmp_path, run_name=run_name, num_epochs=epochs, save_freq=1, use_critic=False, train_learning_rate=1e-2,
             resume_from=str(tmp_path / "logs" / run_name) if resume else "",
         )  # fmt: skip
-        trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("sd3", use_lora=False))
+        trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped(family, use_lora=False))
         trainer.train()
         return trainer
 
@@ -253,17 +297,80 @@ def test_sd3_full_transformer_saves_resumes_and_evaluates(tmp_path):
 
     straight.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / LORA_WEIGHT_NAME).exists()
-    loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "out", subfolder="transformer")
+    transformer_class = type(straight.sd_pipeline.denoiser)  # SD3Transformer2DModel, FluxTransformer2DModel
+    loaded = transformer_class.from_pretrained(tmp_path / "out", subfolder="transformer")
     assert all(torch.equal(loaded.state_dict()[n], v) for n, v in a.items())
     card = ModelCard.load(tmp_path / "out" / "README.md").text
-    assert "SD3Transformer2DModel.from_pretrained(" in card and "transformer=transformer" in card
+    assert f"{transformer_class.__name__}.from_pretrained(" in card and "transformer=transformer" in card
 
-    base = tiny_stable_diffusion_3()
+    base = FAMILIES[family][0]()
     results = evaluate_checkpoints(
         base, {"run": str(tmp_path / "out")}, left_minus_right_brightness, {}, ["a photo of a cat"] * 2,
-        num_inference_steps=4, guidance_scale=1.0,
+        num_inference_steps=4, guidance_scale=1.0, resolution=straight.sd_pipeline.image_resolution(),
     )  # fmt: skip
     assert [r["checkpoint"] for r in results["run"]] == ["base", "out"]
     assert results["run"][0]["target"] != results["run"][1]["target"]  # the trained transformer was used
-    fresh = tiny_stable_diffusion_3().transformer.state_dict()  # evaluation put the base transformer back
+    fresh = FAMILIES[family][0]().transformer.state_dict()  # evaluation put the base transformer back
     assert all(torch.equal(v, fresh[n]) for n, v in base.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "settings, seed, min_rise",
+    [
+        # seeds 0-4 rose 0.41-11.9 spreads (TDPO-R, full transformer lr 3e-3), 0.94-3.69 (DDPO, full lr 1e-2, the
+        # final step trained): docs/model_families.md
+        ({"use_critic": True, "train_learning_rate": 3e-3}, 0, 1.0),
+        ({"use_critic": False, "train_learning_rate": 1e-2, "train_final_step": True}, 0, 1.0),
+    ],
+    ids=["tdpo-full", "ddpo-full"],
+)
+def test_flux_learns_a_learnable_reward(tmp_path, settings, seed, min_rise):
+    settings = {**TINY_TRAINING_DEFAULTS, "sample_num_batches_per_epoch": 2, "sample_eta": 0.7, **settings}
+    config = tiny_config(tmp_path, num_epochs=40, sample_guidance_scale=3.5, seed=seed, **settings)
+    pipeline = TDPOFluxPipeline(tiny_flux(seed=seed), max_sequence_length=TINY_T5_LENGTH, use_lora=False)
+    trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, pipeline)
+    assert trainer.num_train_timesteps == 4 - (not config.train_final_step)  # by default the last step is not trained
+    trainer.train()
+    means = [record["reward/mean"] for record in trainer.log_history]
+    first, spread = means[0], trainer.log_history[0]["reward/std"]
+    rise = (sum(means[-2:]) / 2 - first) / spread
+    print(f"reward mean every 4th epoch {[round(m, 4) for m in means[::4]]}, first-epoch spread {spread:.4f}")
+    assert rise > min_rise, f"reward mean rose {rise:.2f} first-epoch spreads, expected > {min_rise}"
+
+
+def test_tdpo_trl_train_runs_a_saved_tiny_flux_folder(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from tdpo_trl.commands.train import main, model_family, parse_args
+
+    tiny_flux().save_pretrained(tmp_path / "tiny-flux")
+    assert model_family(str(tmp_path / "tiny-flux")) is TDPOFluxPipeline  # read from model_index.json
+    main(*parse_args(["--pretrained_model", str(tmp_path / "tiny-flux"), "--num_epochs", "2", "--sample_num_steps",
+                      "4", "--sample_batch_size", "4", "--sample_num_batches_per_epoch", "1", "--train_batch_size",
+                      "4", "--sample_guidance_scale", "3.5", "--mixed_precision", "no", "--critic_encoder",
+                      "latents", "--reward", "left_minus_right", "--use_lora", "false", "--eval_freq", "2",
+                      "--eval_num_prompts", "2", "--logdir", str(tmp_path / "logs"), "--run_name", "flux",
+                      "--save_dir", str(tmp_path / "saved")]))  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "logs" / "flux" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and "heldout/target/mean" in records[-1]
+    saved = FluxTransformer2DModel.from_pretrained(tmp_path / "saved" / "transformer")
+    assert saved.config.guidance_embeds
+
+
+def test_flux_gradient_checkpointing_and_offloaded_text_encoders_train_the_same(tmp_path):
+    """The memory options for FLUX.1-dev's size change where things are kept, not what is trained."""
+
+    def train(run_name, **options):
+        config = tiny_config(tmp_path, run_name=run_name, use_critic=False, train_learning_rate=1e-2,
+                             gradient_checkpointing=options.pop("gradient_checkpointing", False))  # fmt: skip
+        trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("flux", **options))
+        trainer.train()
+        return trainer
+
+    plain = train("plain")
+    saving = train("saving", gradient_checkpointing=True, offload_text_encoders=True)
+    assert saving.sd_pipeline.denoiser.gradient_checkpointing and not plain.sd_pipeline.denoiser.gradient_checkpointing
+    assert saving.sd_pipeline.resident_modules() == [saving.sd_pipeline.vae]  # T5 and CLIP wait on the CPU
+    a, b = lora_state(plain), lora_state(saving)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["reward/mean"] for r in plain.log_history] == [r["reward/mean"] for r in saving.log_history]

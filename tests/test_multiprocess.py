@@ -31,7 +31,7 @@ def launch_two_processes(*args):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["tdpo", "ddpo", "sdxl", "sd3"])
+@pytest.mark.parametrize("mode", ["tdpo", "ddpo", "sdxl", "sd3", "flux"])
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, mode):
     launch_two_processes(tmp_path, mode)
 

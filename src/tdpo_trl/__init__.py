@@ -5,6 +5,7 @@ from .guard import OverOptimizationGuard
 from .modeling_critic import CLIPImageFeatures, LatentFeatures, TimestepCritic, ValueHead
 from .neuron_reset import ActiveNeuronResetCallback
 from .pipelines import (
+    TDPOFluxPipeline,
     TDPOPipeline,
     TDPOStableDiffusion3Pipeline,
     TDPOStableDiffusionPipeline,
@@ -29,6 +30,7 @@ __all__ = [
     "TDPOCallback",
     "TDPOConfig",
     "TDPOPipeline",
+    "TDPOFluxPipeline",
     "TDPOStableDiffusion3Pipeline",
     "TDPOStableDiffusionPipeline",
     "TDPOStableDiffusionXLPipeline",

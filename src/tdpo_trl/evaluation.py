@@ -55,10 +55,13 @@ def mean_std(scores: dict[str, torch.Tensor], prefix: str = "") -> dict[str, flo
 
 @torch.no_grad()
 def sample_images(pipeline, prompts: list[str], *, seed: int, num_inference_steps: int, guidance_scale: float,
-                  eta: float, batch_size: int = 8) -> torch.Tensor:  # fmt: skip
+                  eta: float, batch_size: int = 8, resolution: Optional[int] = None) -> torch.Tensor:  # fmt: skip
     """Images `(N, 3, H, W)` in [0, 1] from a diffusers pipeline, seeded; the global RNG is left as it was. `eta`
-    goes to pipelines that take it (DDIM-sampled SD, SDXL); flow-matching ones (SD3) sample their ODE."""
+    goes to pipelines that take it (DDIM-sampled SD, SDXL); flow-matching ones (SD3, FLUX) sample their ODE.
+    `resolution`: the image side (default: the pipeline's own)."""
     extra = {"eta": eta} if "eta" in inspect.signature(pipeline.__call__).parameters else {}
+    if resolution is not None:
+        extra.update(height=resolution, width=resolution)
     device = pipeline.device
     devices = [device] if device.type == "cuda" else []
     images = []
@@ -191,9 +194,11 @@ def evaluate_checkpoints(
     eta: float = 1.0,
     output_dir: Optional[str] = None,
     include_base: bool = True,
+    resolution: Optional[int] = None,
 ) -> dict[str, list[dict]]:
     """Score every checkpoint of every run on the same seeded prompts: `{run: [{"checkpoint", "target", name: mean,
-    ...}, ...]}`. With `output_dir`, also writes `cross_reward.json` and an image grid per checkpoint in `grids/`."""
+    ...}, ...]}`. With `output_dir`, also writes `cross_reward.json` and an image grid per checkpoint in `grids/`.
+    `resolution`: the image side (default: the pipeline's own)."""
     rewards = {"target": target_reward, **eval_rewards}
     attr = denoiser_name(pipeline)
     base_denoiser = getattr(pipeline, attr)
@@ -209,7 +214,7 @@ def evaluate_checkpoints(
                 _load_into(pipeline, checkpoint, base_denoiser)
             images = sample_images(
                 pipeline, prompts, seed=seed, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, eta=eta,
+                guidance_scale=guidance_scale, eta=eta, resolution=resolution,
             )  # fmt: skip
             if checkpoint != "base" and getattr(getattr(pipeline, attr), "peft_config", None):
                 pipeline.unload_lora_weights()

@@ -38,21 +38,22 @@ class HeldoutEvaluator:
             self._prompts[index] = prompts
         return self._prompts[index]
 
-    def evaluate(self, diffusers_pipeline, autocast, device, grid_folder: Optional[str] = None, epoch=None) -> list:
+    def evaluate(self, pipeline, autocast, device, grid_folder: Optional[str] = None, epoch=None) -> list:
         """Per task, `heldout/<name>/mean|std` (`target` for the task's reward). With `grid_folder`, also an image
         grid per task, `epoch_<epoch>.png` (`<task>_epoch_<epoch>.png` with several tasks)."""
         config, results = self.config, []
         for index, task in enumerate(self.tasks):
             prompts = self.prompts(index)
-            with autocast():
+            with pipeline.offloaded_modules_on(device), autocast():
                 images = sample_images(
-                    diffusers_pipeline,
+                    pipeline.diffusers_pipeline,
                     prompts,
                     seed=config.eval_seed,
                     num_inference_steps=config.sample_num_steps,
                     guidance_scale=config.sample_guidance_scale,
                     eta=config.sample_eta,
                     batch_size=config.sample_batch_size,
+                    resolution=pipeline.image_resolution(),
                 )
             scores = score_images({"target": task.reward_function, **self.eval_rewards}, images.to(device), prompts)
             if grid_folder is not None:

@@ -148,7 +148,8 @@ def create_model_card(
             f"import torch\nfrom diffusers import {pipeline_class}\n\n"
             f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
             f'pipe.load_lora_weights("{repo}")\n'
-            'image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=5.0).images[0]'
+            f'image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale={config.sample_guidance_scale})'
+            ".images[0]"
         )
         trained = (
             f"LoRA (r={lora_config.r}, alpha={lora_config.lora_alpha}, "

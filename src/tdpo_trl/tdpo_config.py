@@ -108,6 +108,10 @@ class TDPOConfig(DDPOConfig):
         lora_init (`str`, *optional*, defaults to `"gaussian"`):
             `"gaussian"` (A ~ N(0, 1/r), B = 0, as TRL's DDPO) or `"default"` (PEFT's Kaiming-uniform A, B = 0).
             Either way the adapter starts as the identity.
+        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+            Recompute the denoiser's activations in the backward pass instead of keeping them (diffusers'
+            `enable_gradient_checkpointing`): less activation memory for more compute, same gradients. For the large
+            transformers (FLUX.1's 12 B).
 
         > Parameters that control resuming
 
@@ -307,6 +311,10 @@ class TDPOConfig(DDPOConfig):
     lora_init: str = field(
         default="gaussian",
         metadata={"help": "LoRA init: 'gaussian' (as TRL's DDPO) or 'default' (PEFT's).", "choices": _LORA_INITS},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute the denoiser's activations in the backward pass (less memory, more compute)."},
     )
 
     resume_as_new_run: bool = field(

@@ -54,7 +54,7 @@ from .model_card import hub_base_model, trained_reward_names
 from .modeling_critic import TimestepCritic, build_critic
 from .neuron_reset import ActiveNeuronResetCallback
 from .optimization import EpochLearningRate, OptimizerGroup, clip_and_step, grad_norm_stats
-from .pipelines import TDPOPipeline, guide, is_guided
+from .pipelines import TDPOPipeline, guide
 from .prompts import has_state
 from .regularizers import PretrainingData, ReferenceKL, pretraining_inputs
 from .rewards import check_available, get_reward_function, reward_name, short_name, warm_up
@@ -256,7 +256,7 @@ class TDPOTrainer(DDPOTrainer):
         pipeline.apply_training_config(config)
         # frozen weights only serve inference; a whole denoiser being trained keeps fp32 master weights and computes
         # under autocast, as accelerate and diffusers' training scripts do (fp16 weights and Adam's eps give NaNs)
-        for module in (*pipeline.frozen_modules(), pipeline.denoiser):
+        for module in (*pipeline.resident_modules(), pipeline.denoiser):
             dtype = torch.float32 if module is pipeline.denoiser and not pipeline.use_lora else inference_dtype
             module.to(device, **({"dtype": dtype} if module.dtype != dtype else {}))
         denoiser = pipeline.get_trainable_layers()
@@ -305,8 +305,8 @@ class TDPOTrainer(DDPOTrainer):
     @property
     def guided_training(self) -> bool:
         """Whether the update recomputes log-probs with classifier-free guidance: `train_cfg` and guided sampling
-        (`sample_guidance_scale > 1`); unguided sampling is recomputed unguided, bit for bit, at half the batch."""
-        return self.config.train_cfg and is_guided(self.config.sample_guidance_scale)
+        (`pipeline.guided`); unguided sampling is recomputed unguided, bit for bit, at half the batch."""
+        return self.config.train_cfg and self.sd_pipeline.guided(self.config.sample_guidance_scale)
 
     def _guided(self, prediction: torch.Tensor) -> torch.Tensor:
         """The update's prediction: classifier-free guidance of a `(2B, ...)` prediction when `guided_training`."""
@@ -708,8 +708,7 @@ class TDPOTrainer(DDPOTrainer):
         image grid to `<project_dir>/heldout/epoch_<epoch>.png` (`<task>_epoch_<epoch>.png`)."""
         main = self.accelerator.is_main_process and epoch is not None
         grid_folder = f"{self.accelerator.project_dir}/heldout" if main else None
-        pipeline, device = self.sd_pipeline.diffusers_pipeline, self.accelerator.device
-        results = self.heldout.evaluate(pipeline, self.autocast, device, grid_folder, epoch)
+        results = self.heldout.evaluate(self.sd_pipeline, self.autocast, self.accelerator.device, grid_folder, epoch)
         return {self._task_key(index, k): v for index, task_stats in enumerate(results) for k, v in task_stats.items()}
 
     # ------------------------------------------------------------------ saving and sharing (`sharing`)

@@ -28,6 +28,7 @@ from transformers import (
 
 
 TINY_PROMPT_LENGTH = 16
+TINY_T5_LENGTH = 16  # T5 tokens per prompt of the tiny FLUX (its `max_sequence_length`)
 # The transformer towers of every tiny CLIP model (text and image): two layers, width 32.
 _TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 
@@ -219,6 +220,63 @@ def tiny_stable_diffusion_3(seed: int = 0):
         tokenizer_2=tiny_tokenizer(),
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+
+
+def tiny_flux(seed: int = 0):
+    """A seeded FLUX.1-shaped pipeline (sizes of diffusers' FLUX `get_dummy_components`, at 16x16 images, with two
+    double-stream layers): a `FluxTransformer2DModel` with a guidance embedding (as FLUX.1-dev), a CLIP text encoder
+    (pooled, 32-d) and a T5 encoder of width 32 (both on the character-level tokenizer), the tiny VAE with FLUX's
+    latent shift and scale, and the flow-matching scheduler with FLUX's resolution-dependent shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # the VAE's 4 latent channels x a 2x2 patch
+        num_layers=2,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width
+        pooled_projection_dim=32,  # CLIP's pooled output
+        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,
+    )
+    tokenizer = tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **_TINY_TOWER,
+        layer_norm_eps=1e-5,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=TINY_PROMPT_LENGTH,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(seed + 1)
+    t5_config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=1,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    text_encoder_2 = T5EncoderModel(t5_config)
+    vae = _tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE statistics
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_tokenizer(TINY_T5_LENGTH),
+        transformer=transformer,
     )
 
 

@@ -1,7 +1,7 @@
 """Train the tiny pipeline on every process and save each rank's trainable weights, for comparison across ranks.
 
 Run: ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/scripts/train_two_processes.py OUT_DIR \
-        {tdpo,ddpo,multitask,sdxl,sd3} [EPOCHS] [RUN_NAME] [--resume]
+        {tdpo,ddpo,multitask,sdxl,sd3,flux} [EPOCHS] [RUN_NAME] [--resume]
 Writes OUT_DIR/<RUN_NAME>_rank<i>.safetensors (RUN_NAME defaults to the mode). `multitask`: TDPO-R on two tasks, a
 per-image reward and a distribution-level one (diversity, its prompt groups gathered over the ranks). `sdxl`, `sd3`:
 TDPO-R on the tiny SDXL / SD3 pipeline.
@@ -73,6 +73,11 @@ def main(out_dir: str, mode: str, epochs: int = 2, run_name: str = "", resume: b
         pipeline = TDPOStableDiffusionXLPipeline(tiny_stable_diffusion_xl())
     elif mode == "sd3":
         pipeline = TDPOStableDiffusion3Pipeline(tiny_stable_diffusion_3(), max_sequence_length=16)
+    elif mode == "flux":
+        from tdpo_trl import TDPOFluxPipeline
+        from tdpo_trl.tiny_models import TINY_T5_LENGTH, tiny_flux
+
+        pipeline = TDPOFluxPipeline(tiny_flux(), max_sequence_length=TINY_T5_LENGTH)
     else:
         pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion())
     if mode == "multitask":

@@ -14,6 +14,7 @@ from .base import (
 )
 from .ddim import DDIMSteps, ddim_transition
 from .flow_matching import FlowMatchingSDESteps
+from .flux import TDPOFluxPipeline
 from .stable_diffusion import TDPOStableDiffusionPipeline
 from .stable_diffusion_3 import TDPOStableDiffusion3Pipeline
 from .stable_diffusion_xl import TDPOStableDiffusionXLPipeline
@@ -25,6 +26,7 @@ __all__ = [
     "DDIMSteps",
     "FlowMatchingSDESteps",
     "SampledTrajectories",
+    "TDPOFluxPipeline",
     "TDPOPipeline",
     "TDPOStableDiffusion3Pipeline",
     "TDPOStableDiffusionPipeline",

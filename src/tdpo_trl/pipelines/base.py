@@ -72,6 +72,8 @@ class TDPOPipeline(DDPOStableDiffusionPipeline, abc.ABC):
     denoiser_name: ClassVar[str] = "unet"  # its attribute, and the prefix of its keys in diffusers' LoRA files
     frozen_module_names: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")  # inference-only modules, if present
     trains_final_step: ClassVar[bool] = True  # `TDPOConfig.train_final_step=None` trains the last denoising step
+    # False for guidance-distilled models (FLUX.1-dev): the guidance scale is a denoiser input, never CFG
+    classifier_free_guidance: ClassVar[bool] = True
     # conditioning key -> the denoiser's keyword argument (e.g. SDXL adds pooled embeddings and time ids)
     conditioning_inputs: ClassVar[dict[str, str]] = {"prompt_embeds": "encoder_hidden_states"}
 
@@ -167,6 +169,16 @@ class TDPOPipeline(DDPOStableDiffusionPipeline, abc.ABC):
         modules = (getattr(self.diffusers_pipeline, name, None) for name in self.frozen_module_names)
         return [module for module in modules if module is not None]
 
+    def resident_modules(self) -> list[torch.nn.Module]:
+        """Frozen modules the trainer keeps on the accelerator, in the inference dtype (all of them, unless a family
+        offloads some, e.g. FLUX's text encoders with `offload_text_encoders`)."""
+        return self.frozen_modules()
+
+    def offloaded_modules_on(self, device):
+        """A context in which the frozen modules `resident_modules` leaves out are on `device` (e.g. to sample with
+        the diffusers pipeline); nothing to do unless a family offloads some."""
+        return contextlib.nullcontext()
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids `(B, L)` of the first tokenizer (what per-prompt statistics decode back to prompts)."""
         tokenizer = self.tokenizer
@@ -174,6 +186,15 @@ class TDPOPipeline(DDPOStableDiffusionPipeline, abc.ABC):
             list(prompts), return_tensors="pt", padding="max_length", truncation=True,
             max_length=tokenizer.model_max_length,
         ).input_ids  # fmt: skip
+
+    def guided(self, guidance_scale: float) -> bool:
+        """Whether sampling at `guidance_scale` runs classifier-free guidance (a `(2B, ...)` denoiser batch); the
+        update recomputes log-probs the same way."""
+        return self.classifier_free_guidance and is_guided(guidance_scale)
+
+    def set_timesteps(self, num_inference_steps: int, device):
+        """Set the scheduler's sampling schedule (FLUX shifts it by the image's size)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
 
     def encode_negative_prompt(self, negative_prompt: str, device) -> dict[str, torch.Tensor]:
         """The conditioning of the negative prompt (batch 1), used for classifier-free guidance."""
@@ -211,13 +232,13 @@ class TDPOPipeline(DDPOStableDiffusionPipeline, abc.ABC):
         eta: float,
     ) -> SampledTrajectories:  # fmt: skip
         """Sample a batch from the global RNG, recording every step's latent and log-prob. Classifier-free guidance
-        only when `guidance_scale > 1`."""
+        only where `guided(guidance_scale)`."""
         scheduler = self.scheduler
         embeds = conditioning["prompt_embeds"]
         batch, device = len(embeds), embeds.device
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        self.set_timesteps(num_inference_steps, device)
         latents = self.initial_latents(batch, device, embeds.dtype)
-        cfg = is_guided(guidance_scale)
+        cfg = self.guided(guidance_scale)
         both = {**conditioning, **{f"negative_{k}": v for k, v in negative_conditioning.items()}}
         all_latents, log_probs = [latents], []
         for t in scheduler.timesteps:
@@ -269,13 +290,15 @@ class TDPOPipeline(DDPOStableDiffusionPipeline, abc.ABC):
         return self.latent_shape()[-1] * self.diffusers_pipeline.vae_scale_factor
 
     def apply_training_config(self, config):
-        """Take `use_lora` (unless it is `None`) and, if no `lora_config` was given, the LoRA settings of a
-        `TDPOConfig`. Called by `TDPOTrainer` before the adapter is attached."""
+        """Take `use_lora` (unless it is `None`), `gradient_checkpointing` and, if no `lora_config` was given, the
+        LoRA settings of a `TDPOConfig`. Called by `TDPOTrainer` before the adapter is attached."""
         if config.use_lora is not None and config.use_lora != self.use_lora:
             self.use_lora = config.use_lora
             self.denoiser.requires_grad_(not self.use_lora)
         if self.lora_config is None:
             self.lora_config = config.lora_config()
+        if getattr(config, "gradient_checkpointing", False):
+            self.denoiser.enable_gradient_checkpointing()
 
     def get_trainable_layers(self) -> torch.nn.Module:
         """Attach the LoRA adapter (if `use_lora`) and return the denoiser, whose trainable weights are in fp32."""

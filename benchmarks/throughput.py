@@ -12,6 +12,10 @@ warm-up epoch, so peak memory is its own and the modes are compared side by side
         --modes ddpo tdpo-clip-taesd                                          # the critic embeds 2 of 10 x_t
     python benchmarks/throughput.py --model sd15 --device cuda --dtype bf16 --resolution 512 --steps 50 \\
         --batch_size 8 --batches 4 --train_batch_size 4                       # the GPU report (H100 class)
+    python benchmarks/throughput.py --model flux-small --resolution 256 --steps 4 --modes ddpo tdpo-latent
+    python benchmarks/throughput.py --model flux --device cuda --dtype bf16 --resolution 1024 --steps 28 \\
+        --batch_size 1 --train_batch_size 1 --guidance_scale 3.5 --gradient_checkpointing \\
+        --offload_text_encoders --modes ddpo tdpo-clip                         # FLUX.1-dev's size, one 80 GB GPU
 
 Modes: `ddpo` (no critic), `tdpo-latent` (TDPO-R, critic on latents), `tdpo-clip` (TDPO-R, critic on CLIP ViT-L/14
 image embeddings of every x_t decoded by the VAE: the paper's critic; a random ViT-L/14 of the real shape),
@@ -35,7 +39,7 @@ import torch
 
 
 MODES = ("ddpo", "tdpo-latent", "tdpo-clip", "tdpo-clip-taesd")
-MODELS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
+MODELS = ("tiny-sd15", "tiny-sdxl", "tiny-flux", "sd15", "sdxl", "flux-small", "flux")
 
 
 def clip_text_config(hidden: int, layers: int, heads: int, intermediate: int, projection: int = 768, vocab=49408):
@@ -76,6 +80,8 @@ def build_model(name: str):
     from tdpo_trl.tiny_models import tiny_stable_diffusion, tiny_stable_diffusion_xl, tiny_tokenizer
 
     torch.manual_seed(0)
+    if "flux" in name:
+        return build_flux(name)
     if name == "tiny-sd15":
         return tiny_stable_diffusion(), TDPOStableDiffusionPipeline
     if name == "tiny-sdxl":
@@ -108,6 +114,45 @@ def build_model(name: str):
         text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, 5120, projection=1280)),
     )  # fmt: skip
     return pipeline, TDPOStableDiffusionXLPipeline
+
+
+def build_flux(name: str):
+    """FLUX.1-shaped pipelines, random weights: `flux` is FLUX.1-dev's size (19 double and 38 single blocks of width
+    3072, T5-XXL's 4.8 B encoder, 16-channel VAE: a GPU-only build, ~70 GB in fp32); `flux-small` keeps the layout
+    at width 512 and 2 + 4 blocks, with a 2-layer T5 of width 512 (runs on a CPU); `tiny-flux` is the test model."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from tdpo_trl import TDPOFluxPipeline
+    from tdpo_trl.tiny_models import tiny_flux, tiny_tokenizer
+
+    if name == "tiny-flux":
+        return tiny_flux(), TDPOFluxPipeline
+    full = name == "flux"
+    width, heads = (3072, 24) if full else (512, 4)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19 if full else 2, num_single_layers=38 if full else 4,
+        attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=4096 if full else 512,
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )  # fmt: skip
+    t5 = T5Config(
+        vocab_size=32128, d_model=4096 if full else 512, d_kv=64, d_ff=10240 if full else 1024,
+        num_layers=24 if full else 2, num_heads=64 if full else 8, feed_forward_proj="gated-gelu",
+    )  # fmt: skip
+    blocks = 4
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+    tokenizer = tiny_tokenizer(max_length=77)  # character-level; the text towers are full-size
+    pipeline = FluxPipeline(
+        scheduler=scheduler, vae=vae, transformer=transformer, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder=CLIPTextModel(clip_text_config(768, 12, 12, 3072)), text_encoder_2=T5EncoderModel(t5),
+    )  # fmt: skip
+    return pipeline, TDPOFluxPipeline
 
 
 def clip_vit_l14_features():
@@ -187,9 +232,14 @@ def measure(args, mode: str) -> dict:
     from tdpo_trl.tiny_models import mean_brightness
 
     diffusers_pipeline, family = build_model(args.model)
-    native = diffusers_pipeline.unet.config.sample_size
-    latent = args.resolution // diffusers_pipeline.vae_scale_factor if args.resolution else native
-    diffusers_pipeline.unet.register_to_config(sample_size=latent)  # the wrappers sample at the config's size
+    options = {}
+    if "flux" in args.model:  # FLUX's wrapper takes the resolution; T5 tokens as FLUX.1-dev (512) unless tiny
+        options = {"resolution": args.resolution, "max_sequence_length": 16 if args.model == "tiny-flux" else 512}
+        options.update(offload_text_encoders=args.offload_text_encoders)
+    else:
+        native = diffusers_pipeline.unet.config.sample_size
+        latent = args.resolution // diffusers_pipeline.vae_scale_factor if args.resolution else native
+        diffusers_pipeline.unet.register_to_config(sample_size=latent)  # the wrappers sample at the config's size
     with tempfile.TemporaryDirectory() as workdir:
         config = TDPOConfig(
             num_epochs=args.epochs + 1, sample_num_steps=args.steps, sample_batch_size=args.batch_size,
@@ -199,6 +249,7 @@ def measure(args, mode: str) -> dict:
             use_critic=mode != "ddpo", critic_encoder="latents", critic_hidden_sizes=[1024, 128, 64, 16],
             critic_encode_batch_size=args.batch_size, neuron_reset=False, logdir=workdir, run_name=mode,
             save_freq=10_000, eval_reward_functions=[], use_lora=True, seed=0,
+            gradient_checkpointing=args.gradient_checkpointing,
         )  # fmt: skip
         if mode == "tdpo-clip-taesd":  # a random AutoencoderTiny of TAESD's shape (its default config)
             from diffusers import AutoencoderTiny
@@ -211,7 +262,7 @@ def measure(args, mode: str) -> dict:
             config.critic_encoder = reward.clip_model if mode.startswith("tdpo-clip") else "latents"
         elif mode.startswith("tdpo-clip"):  # the critic's own ViT-L/14
             critic = clip_vit_l14_critic(config)
-        pipeline = family(diffusers_pipeline, use_lora=True)
+        pipeline = family(diffusers_pipeline, use_lora=True, **options)
         trainer = TDPOTrainer(config, reward, lambda: ("a photo of a cat", {}), pipeline, critic=critic)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -263,6 +314,8 @@ def main():
         "ViT-L/14 + head) in every mode, whose ViT-L/14 the clip critics share",
     )  # fmt: skip
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute the denoiser's activations")
+    parser.add_argument("--offload_text_encoders", action="store_true", help="FLUX: T5 and CLIP wait on the CPU")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)))

@@ -302,6 +302,7 @@ def test_full_transformer_saves_resumes_and_evaluates(tmp_path, family):
     assert all(torch.equal(loaded.state_dict()[n], v) for n, v in a.items())
     card = ModelCard.load(tmp_path / "out" / "README.md").text
     assert f"{transformer_class.__name__}.from_pretrained(" in card and "transformer=transformer" in card
+    assert ("torch_dtype=torch.bfloat16" in card) == (family == "flux")  # FLUX.1 runs in bf16, the others in fp16
 
     base = FAMILIES[family][0]()
     results = evaluate_checkpoints(

@@ -142,11 +142,12 @@ def create_model_card(
         license=None,
     )
     repo = repo_id or "<your-repo-id>"
+    dtype = "bfloat16" if pipeline_class == "FluxPipeline" else "float16"  # FLUX.1 is published and run in bf16
     base = base_model or "<base-model-id>"
     if use_lora:
         usage = (
             f"import torch\nfrom diffusers import {pipeline_class}\n\n"
-            f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+            f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.{dtype}).to("cuda")\n'
             f'pipe.load_lora_weights("{repo}")\n'
             f'image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale={config.sample_guidance_scale})'
             ".images[0]"
@@ -159,9 +160,9 @@ def create_model_card(
         usage = (
             f"import torch\nfrom diffusers import {pipeline_class}, {denoiser[1]}\n\n"
             f'{denoiser[0]} = {denoiser[1]}.from_pretrained("{repo}", subfolder="{denoiser[0]}", '
-            "torch_dtype=torch.float16)\n"
+            f"torch_dtype=torch.{dtype})\n"
             f'pipe = {pipeline_class}.from_pretrained("{base}", {denoiser[0]}={denoiser[0]}, '
-            "torch_dtype=torch.float16)\n"
+            f"torch_dtype=torch.{dtype})\n"
             'image = pipe.to("cuda")("a photo of a cat").images[0]'
         )
         trained = f"the whole {'UNet' if denoiser[0] == 'unet' else 'transformer'} (`{denoiser[0]}/`)"

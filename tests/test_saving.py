@@ -3,6 +3,7 @@
 import base64
 import json
 import logging
+import os
 import re
 
 import httpx2
@@ -114,7 +115,7 @@ def test_model_card_metadata_and_content(lora_trainer, tmp_path):
     text = card.text
     assert 'StableDiffusionPipeline.from_pretrained("org/base-model"' in text
     assert 'pipe.load_lora_weights("me/tiny-tdpo")' in text
-    assert "huggingface-cli download me/tiny-tdpo" in text
+    assert "hf download me/tiny-tdpo --local-dir tiny-tdpo" in text
     assert "`left_minus_right_brightness`" in text and "TDPO-R" in text
     assert "r=4, alpha=8.0" in text
     final_reward = lora_trainer.log_history[-1]["reward/mean"]
@@ -208,6 +209,12 @@ def test_push_to_hub_uploads_the_saved_folder(lora_trainer, tmp_path, caplog):
     assert hub.created["visibility"] == "private"
     assert hub.commit_message == "first"
     assert set(hub.files) == {p.name for p in (tmp_path / "hub").iterdir()}
+    # the layout a user pulls with `hf download me/tiny-tdpo`: the card (front matter first), the LoRA in diffusers
+    # format, the critic and the training config
+    assert {"README.md", "pytorch_lora_weights.safetensors", "critic_head.safetensors", "critic_config.json",
+            "tdpo_config.json"} <= set(hub.files)  # fmt: skip
+    front_matter = hub.files["README.md"].decode().split("---\n")[1]  # the card starts with its YAML metadata
+    assert "library_name: diffusers" in front_matter and "pipeline_tag: text-to-image" in front_matter
     for name, content in hub.files.items():
         assert content == (tmp_path / "hub" / name).read_bytes()
     writes = [r for r in hub.requests if r.method == "POST"]  # create, validate card, preupload, commit
@@ -244,3 +251,18 @@ def test_bad_repo_ids_are_rejected_before_any_request(lora_trainer, tmp_path, re
     with FakeHub() as hub, pytest.raises(ValueError, match=f"`repo_id` {re.escape(repr(repo_id))} is not a valid Hub"):
         lora_trainer.push_to_hub(repo_id, local_dir=tmp_path / "hub")
     assert hub.requests == [] and not (tmp_path / "hub").exists()
+
+
+@pytest.mark.parametrize("command", ["download", "upload"])
+def test_the_documented_hub_commands_exist(command):
+    """docs/saving_and_sharing.md and the model card tell users to run `hf download` / `hf upload`."""
+    import shutil
+    import subprocess
+    import sys
+
+    hf = shutil.which("hf", path=os.path.dirname(sys.executable)) or shutil.which("hf")
+    assert hf, "huggingface_hub installs the `hf` command"
+    result = subprocess.run([hf, command, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and f"Usage: hf {command} [OPTIONS] REPO_ID" in result.stdout, result.stderr
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "saving_and_sharing.md")).read()
+    assert f"hf {command} " in docs

@@ -60,7 +60,7 @@ def push_folder(
         detail = _scrub(f"{type(err).__name__}: {err}", token)
         message = (
             f"pushing to the Hub failed while {step}: {detail}. The trained files are saved in {local_dir!r}; "
-            f"retry with `huggingface-cli upload {repo_id} {local_dir}` or `trainer.push_to_hub(...)`."
+            f"retry with `hf upload {repo_id} {local_dir}` or `trainer.push_to_hub(...)`."
         )
         raise HubUploadError(message, local_dir) from err
     return commit.commit_url

@@ -42,7 +42,8 @@ TEMPLATE = """---
 {{ usage }}
 ```
 
-Download the files with `huggingface-cli download {{ repo_id }} --local-dir {{ local_name }}`.
+Download the files with `hf download {{ repo_id }} --local-dir {{ local_name }}` (`huggingface-cli download` before
+huggingface_hub 1.0).
 
 ## Training
 

@@ -2,6 +2,7 @@
 
 from .advantages import clipped_value_loss, discounted_returns, explained_variance, temporal_advantages
 from .guard import OverOptimizationGuard
+from .image_logging import TrackerImageLogger
 from .modeling_critic import CLIPImageFeatures, LatentFeatures, TimestepCritic, ValueHead
 from .neuron_reset import ActiveNeuronResetCallback
 from .pipelines import (
@@ -28,6 +29,7 @@ __all__ = [
     "OverOptimizationGuard",
     "StatisticalParity",
     "TDPOCallback",
+    "TrackerImageLogger",
     "TDPOConfig",
     "TDPOPipeline",
     "TDPOFluxPipeline",

@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 
 from ..guard import OverOptimizationGuard
 from ..hub import check_repo_id
+from ..image_logging import TrackerImageLogger
 from ..loading import check_model_reference, load_pretrained
 from ..pipelines import TDPOStableDiffusionPipeline, TDPOStableDiffusionXLPipeline, family_for
 from ..prompts import check_template, get_prompt_function
@@ -193,10 +194,19 @@ class ScriptArguments:
         default=None,
         metadata={"help": "With --tasks: the task whose held-out evaluation the guard watches (its name)."},
     )
+    log_images_every: int = field(
+        default=1,
+        metadata={
+            "help": "With --log_with: every N epochs, send the tracker a grid of the epoch's samples (prompt and "
+            "reward under each) and the held-out grid (TrackerImageLogger); 0 logs no images."
+        },
+    )
 
     def __post_init__(self):
         check_model_reference(self.pretrained_model, "pretrained_model", tuple(MODEL_DEFAULTS))
         check_template(self.prompt_template, "prompt_template")
+        if self.log_images_every < 0:
+            raise ValueError(f"`log_images_every` must be >= 0 (0: no images), got {self.log_images_every}")
         unknown = sorted(set(self.guard_lower_is_better) - set(self.guard))
         if unknown:
             raise ValueError(
@@ -293,8 +303,11 @@ def build_trainer(script_args: ScriptArguments, config: TDPOConfig, pipeline=Non
 
 
 def add_callbacks(trainer: TDPOTrainer, script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
-    """The per-epoch JSONL log, and the guard `--guard` asks for (checked against the evaluation it reads)."""
+    """The per-epoch JSONL log, the tracker's images (with `--log_with`), and the guard `--guard` asks for (checked
+    against the evaluation it reads)."""
     trainer.add_callback(JSONLinesLoggerCallback(os.path.join(trainer.accelerator.project_dir, "metrics.jsonl")))
+    if config.log_with and script_args.log_images_every:
+        trainer.add_callback(TrackerImageLogger(every=script_args.log_images_every))
     guard = script_args.over_optimization_guard()
     if guard is None:
         return trainer

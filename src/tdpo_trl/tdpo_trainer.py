@@ -60,6 +60,7 @@ from .regularizers import PretrainingData, ReferenceKL, pretraining_inputs
 from .rewards import check_available, get_reward_function, reward_name, short_name, warm_up
 from .rollout import Rollout, TrainedSteps, sample_rollout
 from .run_folder import resolve_run_folder
+from .run_summary import write_run_summary
 from .tasks import Task, TaskPrompts, check_tasks, pretrain_weight_of
 from .tdpo_config import TDPOConfig
 from .trainer_callback import TDPOCallback, call_event, check_callbacks
@@ -778,12 +779,8 @@ class TDPOTrainer(DDPOTrainer):
         warn_unsaved_epochs(epochs, self.config.save_freq)
         self.checkpointed.check_all_restored()  # callbacks added since construction have taken their state
         global_step = self.progress.global_step
-        bar = tqdm(
-            range(self.progress.epoch, epochs),
-            desc="TDPO" if self.critic is not None else "DDPO",
-            unit="epoch",
-            disable=not self.accelerator.is_local_main_process,
-        )
+        desc, shown = "TDPO" if self.critic is not None else "DDPO", self.accelerator.is_local_main_process
+        bar = tqdm(range(self.progress.epoch, epochs), desc=desc, unit="epoch", disable=not shown)
         call_event(self.callbacks, "on_train_begin", self, epoch=self.progress.epoch, global_step=global_step)
         for epoch in bar:
             global_step = self.step(epoch, global_step)
@@ -796,4 +793,5 @@ class TDPOTrainer(DDPOTrainer):
                 break
         call_event(self.callbacks, "on_train_end", self, epoch=self.progress.epoch, global_step=global_step)
         self.accelerator.end_training()
+        write_run_summary(self)  # <run>/summary.json, printed on the main process
         self.run_folder.release()

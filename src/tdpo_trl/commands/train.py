@@ -35,6 +35,7 @@ from ..loading import check_model_reference, load_pretrained
 from ..pipelines import TDPOStableDiffusionPipeline, TDPOStableDiffusionXLPipeline, family_for
 from ..prompts import check_template, get_prompt_function
 from ..rewards import REWARD_FUNCTIONS, get_reward_function, is_distribution_reward
+from ..run_summary import write_run_summary
 from ..scoring import shown_reward_key
 from ..tasks import load_tasks
 from ..tdpo_config import JSONDict, TDPOConfig
@@ -360,6 +361,7 @@ def main(script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
     trainer.train()
     if script_args.save_dir:
         trainer.save_pretrained(script_args.save_dir)
+        write_run_summary(trainer, saved_to=script_args.save_dir, show=False)  # the summary names the saved folder
     if config.push_to_hub:  # saves again (into --save_dir if given), then uploads; a failure keeps the files
         url = trainer.push_to_hub(script_args.hub_model_id, local_dir=script_args.save_dir)
         if trainer.accelerator.is_main_process:
@@ -370,6 +372,7 @@ def main(script_args: ScriptArguments, config: TDPOConfig) -> TDPOTrainer:
         print(f"checkpoints: {project_dir}/checkpoints\nmetrics:     {project_dir}/metrics.jsonl")
         if script_args.save_dir:
             print(f"saved:       {script_args.save_dir}")
+        print(f"summary:     {project_dir}/summary.json")
     return trainer
 
 

@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from tdpo_trl import CLIPImageFeatures, LatentFeatures, TDPOConfig, TimestepCritic, ValueHead
+from tdpo_trl import (
+    CLIPImageFeatures,
+    LatentFeatures,
+    TDPOConfig,
+    TDPOStableDiffusionPipeline,
+    TimestepCritic,
+    ValueHead,
+)
 from tdpo_trl.tiny_models import tiny_clip_vision_model, tiny_stable_diffusion
 
 
@@ -46,13 +53,13 @@ def test_clip_features_decode_the_latents_first(tiny_clip_path):
     assert critic.head.input_dim == 16  # the tiny CLIP's projection_dim
 
     latents = torch.randn(5, 4, 8, 8)
-    features = critic.encode(latents, pipe.vae, batch_size=2)
+    features = critic.encode(latents, TDPOStableDiffusionPipeline(pipe).decode, batch_size=2)  # the family's decoding
     assert features.shape == (5, 16)
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(5))
     # the same as decoding by hand and embedding
     images = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(features, critic.encoder(images))
-    with pytest.raises(ValueError, match="pass the pipeline's `vae`"):
+    with pytest.raises(ValueError, match="pass `decode` \\(the pipeline's `decode`\\)"):
         critic.encode(latents)
 
 
@@ -66,7 +73,7 @@ def test_any_module_with_feature_dim_can_be_the_encoder():
 
     critic = TimestepCritic(MeanColour(), hidden_sizes=(4,), dropout=(0.0,))
     pipe = tiny_stable_diffusion()
-    assert critic(torch.randn(2, 4, 8, 8), pipe.vae).shape == (2,)
+    assert critic(torch.randn(2, 4, 8, 8), TDPOStableDiffusionPipeline(pipe).decode).shape == (2,)
     with pytest.raises(ValueError, match="no `feature_dim`"):
         TimestepCritic(nn.Identity())
 
@@ -95,7 +102,7 @@ def test_critic_fits_a_synthetic_value_target():
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
-def test_critic_decoder_decodes_x_t_for_the_critic_instead_of_the_vae(tmp_path, tiny_clip_path):
+def test_critic_decoder_decodes_x_t_for_the_critic_instead_of_the_vae(tmp_path, tiny_clip_path, monkeypatch):
     from conftest import tiny_config
     from diffusers import AutoencoderTiny
 
@@ -118,13 +125,11 @@ def test_critic_decoder_decodes_x_t_for_the_critic_instead_of_the_vae(tmp_path, 
         pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True)
         trainer = TDPOTrainer(config, mean_brightness, lambda: ("a cat", {}), pipeline)
         pipeline.vae.decode = count("vae", pipeline.vae.decode)
-        if critic_decoder:
-            assert isinstance(trainer.critic_decoder, AutoencoderTiny)
-            trainer.critic_decoder.decode = count("taesd", trainer.critic_decoder.decode)
         calls.update(vae=0, taesd=0)
         samples, _ = trainer._generate_samples(1, 4)  # 4 samples x 4 steps = 16 x_t, 4 per critic batch
         return dict(calls), samples[0]["critic_features"]
 
+    monkeypatch.setattr(AutoencoderTiny, "decode", count("taesd", AutoencoderTiny.decode))  # the critic decoder's
     with_vae, vae_features = sample("")
     assert with_vae == {"vae": 1 + 4, "taesd": 0}  # the final images, and every x_t for the critic
     with_taesd, taesd_features = sample(str(tmp_path / "taesd"))

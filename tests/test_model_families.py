@@ -375,3 +375,16 @@ def test_flux_gradient_checkpointing_and_offloaded_text_encoders_train_the_same(
     a, b = lora_state(plain), lora_state(saving)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert [r["reward/mean"] for r in plain.log_history] == [r["reward/mean"] for r in saving.log_history]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_image_critic_reads_x_t_through_the_familys_decoding(tmp_path, family, tiny_clip_path):
+    """The critic's CLIP sees x_t as the family decodes it: SD3's VAE shift, FLUX's packed latents (these once went
+    to the VAE unshifted, and FLUX's packed ones could not be decoded at all)."""
+    config = tiny_config(tmp_path, critic_encoder=tiny_clip_path, train_timestep_fraction=1.0, train_final_step=True)
+    trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped(family))
+    samples, _ = trainer._generate_samples(1, 4)
+    latents, features = samples[0]["latents"], samples[0]["critic_features"]  # (B, T, ...), (B, T, D): every step
+    for step in (0, 3):
+        expected = trainer.critic.encoder(trainer.sd_pipeline.decode(latents[:, step]).float())
+        torch.testing.assert_close(features[:, step], expected, rtol=1e-5, atol=1e-5)

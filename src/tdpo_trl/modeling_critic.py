@@ -5,6 +5,7 @@ once per sampled latent right after sampling, cached, and reused in every traini
 """
 
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -229,37 +230,49 @@ class TimestepCritic(nn.Module):
         )
 
     @torch.no_grad()
-    def encode(self, latents: torch.Tensor, vae: Optional[nn.Module] = None, batch_size: int = 32) -> torch.Tensor:
-        """Features of latents `(N, C, h, w)` -> `(N, feature_dim)`, decoding with `vae` first if needed."""
+    def encode(self, latents: torch.Tensor, decode: Optional[Callable] = None, batch_size: int = 32) -> torch.Tensor:
+        """Features of latents `(N, ...)` -> `(N, feature_dim)`. An encoder that reads images sees `decode(latents)`,
+        images `(n, 3, H, W)` in [0, 1]: the family's own decoding (`TDPOPipeline.decode`: packing, scale and shift
+        handled) or `critic_decoder`'s."""
         features = []
         for chunk in latents.split(batch_size):
             if self.needs_pixels:
-                if vae is None:
-                    raise ValueError("this critic's encoder reads images: pass the pipeline's `vae` to `encode`")
-                images = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-                chunk = (images.float() / 2 + 0.5).clamp(0, 1)
+                if decode is None:
+                    raise ValueError("this critic's encoder reads images: pass `decode` (the pipeline's `decode`)")
+                chunk = decode(chunk).float()
             features.append(self.encoder(chunk))
         return torch.cat(features)
 
     @torch.no_grad()
-    def value_steps(self, head: nn.Module, latents, steps, task_index: int, vae=None, batch_size: int = 32):
+    def value_steps(self, head: nn.Module, latents, steps, task_index: int, decode=None, batch_size: int = 32):
         """Features `(B, k, D)` and values `(B, k)` of a trajectory's x_t `(B, T, ...)` at `steps` `(B, k)` (None: all
         T steps), valued for task `task_index` by `head` (this critic's head, or its prepared wrapper's module)."""
         head.eval()
         if steps is not None:
             latents = latents[torch.arange(len(latents), device=latents.device)[:, None], steps]  # (B, k, ...)
         batch, num_steps = latents.shape[:2]
-        features = self.encode(latents.flatten(0, 1), vae, batch_size=batch_size).view(batch, num_steps, -1)
+        features = self.encode(latents.flatten(0, 1), decode, batch_size=batch_size).view(batch, num_steps, -1)
         task_index = torch.full((batch, num_steps), task_index, device=features.device)
         return features, head(features, task_index).float()
 
-    def forward(self, latents: torch.Tensor, vae: Optional[nn.Module] = None) -> torch.Tensor:
-        return self.head(self.encode(latents, vae))
+    def forward(self, latents: torch.Tensor, decode: Optional[Callable] = None) -> torch.Tensor:
+        return self.head(self.encode(latents, decode))
+
+
+def autoencoder_decode(autoencoder: nn.Module) -> Callable:
+    """`latents -> images in [0, 1]` through `autoencoder` (e.g. TAESD, `critic_decoder`), for unscaled SD latents."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        scaled = latents.to(autoencoder.dtype) / autoencoder.config.scaling_factor
+        return (autoencoder.decode(scaled, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    return decode
 
 
 def build_critic(config, reward_functions: list, pipeline, device, inference_dtype, critic=None):
-    """The run's critic (one value output per task), the decoder its encoder reads x_t through, and the head's
-    optimizer: `(critic, decoder, optimizer)`. `critic`: one to use instead of the one `config.critic_encoder` names.
+    """The run's critic (one value output per task), the function its encoder reads x_t through (`latents -> images
+    in [0, 1]`), and the head's optimizer: `(critic, decoder, optimizer)`. `critic`: one to use instead of the one
+    `config.critic_encoder` names.
 
     One critic told the task: one value output per task (rewards are normalized per task, so the outputs share a
     scale); one encoder, one optimizer and one neuron-reset schedule for all tasks. The paper's critic reads the
@@ -281,13 +294,13 @@ def build_critic(config, reward_functions: list, pipeline, device, inference_dty
         critic.encoder.to(device)
     else:
         critic.encoder.to(device, dtype=inference_dtype)
-    # what decodes x_t for an image-reading critic: the VAE, or a cheap AutoencoderTiny (TAESD)
-    decoder = pipeline.vae
+    # what decodes x_t for an image-reading critic: the family's VAE decoding, or a cheap AutoencoderTiny (TAESD)
+    decoder = pipeline.decode
     if config.critic_decoder and critic.needs_pixels:
         from diffusers import AutoencoderTiny
 
-        decoder = load_pretrained(AutoencoderTiny.from_pretrained, config.critic_decoder, "critic_decoder")
-        decoder = decoder.requires_grad_(False).eval().to(device, dtype=inference_dtype)
+        autoencoder = load_pretrained(AutoencoderTiny.from_pretrained, config.critic_decoder, "critic_decoder")
+        decoder = autoencoder_decode(autoencoder.requires_grad_(False).eval().to(device, dtype=inference_dtype))
     critic.head.to(device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(
         critic.head.parameters(),

@@ -106,8 +106,8 @@ def format_summary(summary: dict) -> str:
     lines += [f"  {key} (held out): {change(pair)}" for key, pair in summary["heldout"].items()]
     guard = summary["guard"]
     if guard is not None:
-        kept = guard["kept_epoch"]
-        verdict = guard["explanation"] or f"no over-optimization flagged (kept epoch {kept})"
+        kept = "the base model" if guard["kept_epoch"] == -1 else f"epoch {guard['kept_epoch']}"
+        verdict = guard["explanation"] or f"no over-optimization flagged (best judged: {kept})"
         lines.append(f"  guard: {verdict}")
     seconds, memory = summary["epoch_seconds_median"], summary["peak_memory_mib"]
     if seconds is not None:

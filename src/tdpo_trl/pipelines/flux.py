@@ -60,6 +60,7 @@ class TDPOFluxPipeline(FlowMatchingSDESteps, TDPOPipeline):
             or pipeline.default_sample_size * pipeline.vae_scale_factor
         )
         self.resolution = int(resolution or native)
+        pipeline.vae.enable_slicing()  # decode a batch of 1024 px images one at a time: activations of one image
         if self.resolution % (2 * pipeline.vae_scale_factor):
             raise ValueError(
                 f"`resolution` {self.resolution} must be a multiple of {2 * pipeline.vae_scale_factor} (the VAE's "

@@ -50,6 +50,15 @@ def lora_state(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
+def assert_reward_rose(trainer, min_rise: float):
+    """The last two epochs' reward mean rose more than `min_rise` first-epoch spreads above the first epoch's."""
+    means = [record["reward/mean"] for record in trainer.log_history]
+    first, spread = means[0], trainer.log_history[0]["reward/std"]
+    rise = (sum(means[-2:]) / 2 - first) / spread
+    print(f"reward mean every 4th epoch {[round(m, 4) for m in means[::4]]}, first-epoch spread {spread:.4f}")
+    assert rise > min_rise, f"reward mean rose {rise:.2f} first-epoch spreads, expected > {min_rise}"
+
+
 def test_sdxl_conditioning_shapes_and_zero_negative_prompt():
     pipeline = TDPOStableDiffusionXLPipeline(tiny_stable_diffusion_xl())
     ids, conditioning = pipeline.encode_prompts(["a cat", "a dog"], "cpu")
@@ -173,11 +182,7 @@ def test_sd3_learns_a_learnable_reward(tmp_path, settings, min_rise):
     trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, wrapped("sd3", use_lora=use_lora))
     assert trainer.num_train_timesteps == 3  # the last, nearly deterministic SDE step is not trained
     trainer.train()
-    means = [record["reward/mean"] for record in trainer.log_history]
-    first, spread = means[0], trainer.log_history[0]["reward/std"]
-    rise = (sum(means[-2:]) / 2 - first) / spread
-    print(f"reward mean every 4th epoch {[round(m, 4) for m in means[::4]]}, first-epoch spread {spread:.4f}")
-    assert rise > min_rise, f"reward mean rose {rise:.2f} first-epoch spreads, expected > {min_rise}"
+    assert_reward_rose(trainer, min_rise)
 
 
 def test_the_final_step_is_left_out_where_the_family_or_the_config_says(tmp_path):
@@ -332,11 +337,7 @@ def test_flux_learns_a_learnable_reward(tmp_path, settings, seed, min_rise):
     trainer = TDPOTrainer(config, left_minus_right_brightness, cat_prompt, pipeline)
     assert trainer.num_train_timesteps == 4 - (not config.train_final_step)  # by default the last step is not trained
     trainer.train()
-    means = [record["reward/mean"] for record in trainer.log_history]
-    first, spread = means[0], trainer.log_history[0]["reward/std"]
-    rise = (sum(means[-2:]) / 2 - first) / spread
-    print(f"reward mean every 4th epoch {[round(m, 4) for m in means[::4]]}, first-epoch spread {spread:.4f}")
-    assert rise > min_rise, f"reward mean rose {rise:.2f} first-epoch spreads, expected > {min_rise}"
+    assert_reward_rose(trainer, min_rise)
 
 
 def test_tdpo_trl_train_runs_a_saved_tiny_flux_folder(tmp_path):

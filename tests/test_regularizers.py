@@ -172,7 +172,7 @@ def test_the_classifier_critic_reads_the_features_the_ink_reward_reads(tmp_path)
     critic = TimestepCritic.from_config(config, (4, 8, 8))
     assert critic.head.input_dim == 64 and critic.needs_pixels
     latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    features = critic.encode(latents, pipeline.vae)
+    features = critic.encode(latents, pipeline.decode)  # x_t as the family decodes it
     vae = pipeline.vae
     with torch.no_grad():
         images = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)

@@ -117,6 +117,21 @@ def _tiny_vae(seed: int) -> AutoencoderKL:
     )
 
 
+def _tiny_text_config(**extra) -> CLIPTextConfig:
+    """The tiny GELU CLIP text tower of SDXL, SD3 and FLUX, over the character-level tokenizer's vocabulary."""
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **_TINY_TOWER,
+        layer_norm_eps=1e-5,
+        vocab_size=len(tiny_tokenizer()),
+        max_position_embeddings=TINY_PROMPT_LENGTH,
+        hidden_act="gelu",
+        **extra,
+    )
+
+
 def tiny_stable_diffusion_xl(seed: int = 0) -> StableDiffusionXLPipeline:
     """A seeded SDXL-shaped pipeline (sizes of diffusers' SDXL `get_dummy_components`, at 8x8 latents): a UNet with
     `text_time` added conditioning, two CLIP text encoders of width 32 (the second with a 32-d projection), DDIM."""
@@ -138,17 +153,7 @@ def tiny_stable_diffusion_xl(seed: int = 0) -> StableDiffusionXLPipeline:
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of width 8, and the pooled text embedding
         cross_attention_dim=64,  # the two encoders' hidden states, concatenated
     )
-    text_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **_TINY_TOWER,
-        layer_norm_eps=1e-5,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=TINY_PROMPT_LENGTH,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
+    text_config = _tiny_text_config(projection_dim=32)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 1)
@@ -193,17 +198,7 @@ def tiny_stable_diffusion_3(seed: int = 0):
         joint_attention_dim=64,  # the two CLIP encoders' hidden states, concatenated
         pooled_projection_dim=64,  # and their pooled projections
     )
-    text_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **_TINY_TOWER,
-        layer_norm_eps=1e-5,
-        vocab_size=len(tiny_tokenizer()),
-        max_position_embeddings=TINY_PROMPT_LENGTH,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
+    text_config = _tiny_text_config(projection_dim=32)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(text_config)
     torch.manual_seed(seed + 1)
@@ -244,17 +239,7 @@ def tiny_flux(seed: int = 0):
         axes_dims_rope=(4, 4, 8),
         guidance_embeds=True,
     )
-    tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **_TINY_TOWER,
-        layer_norm_eps=1e-5,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=TINY_PROMPT_LENGTH,
-        hidden_act="gelu",
-    )
+    tokenizer, text_config = tiny_tokenizer(), _tiny_text_config()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 1)

@@ -524,6 +524,12 @@ def test_a_reward_model_missing_offline_fails_before_training(tmp_path, capsys, 
     trainer(CLIPScore(model=tiny_clip_path))  # a local folder is available
     trainer(Diversity(encoder=lambda images: images.flatten(1)))  # so is an encoder given in Python
 
+    class PixelDiversity(Diversity):  # and a subclass with its own features never loads the default encoder
+        def features(self, images, prompts=None, metadata=None):
+            return images.flatten(1)
+
+    trainer(PixelDiversity())
+
 
 def test_inputs_that_ended_in_a_traceback_are_one_line(tmp_path, capsys):
     """Issue case 19: a 20 MB one-line prompt file, a stream without the column, bad accelerator_kwargs, a fake

@@ -126,8 +126,9 @@ class Diversity(DistributionReward):
         return self._encoder
 
     def check_available(self):
-        """The default encoder, CLIP ViT-L/14, is cached or reachable (see `rewards.check_available`)."""
-        if self._encoder is None:
+        """The default encoder, CLIP ViT-L/14, is cached or reachable (see `rewards.check_available`), if it will be
+        used: not when an encoder was given, nor by a subclass with its own `features`."""
+        if self._encoder is None and type(self).features is Diversity.features:
             check_hub_file(DEFAULT_CLIP, "config.json", f"reward {self.name!r} (its default encoder)")
 
     def features(self, images, prompts=None, metadata=None):

@@ -11,6 +11,7 @@ import torch
 
 from .checkpointing import list_checkpoints
 from .pipelines import LORA_WEIGHT_NAME
+from .scoring import shown_reward_key
 
 
 SUMMARY_NAME = "summary.json"
@@ -39,7 +40,8 @@ def run_summary(trainer, saved_to: Optional[str] = None) -> dict:
     `save_pretrained` wrote, if any (the CLI's `--save_dir`)."""
     history = trainer.log_history
     keys = sorted({k for r in history for k in r})
-    rewards = [k for k in keys if k == "reward/mean" or (k.startswith("task/") and k.endswith("/reward/mean"))]
+    prefixes = [f"task/{task.name}/" for task in trainer.tasks] if trainer.multi_task else [""]
+    rewards = [shown_reward_key(history[-1], prefix) for prefix in prefixes] if history else []  # a group score
     judges = [k for k in keys if "heldout/" in k and k.endswith("/mean")]
     checkpoints = list_checkpoints(trainer.checkpoint_dir)
     latest = checkpoints[-1] if checkpoints else None

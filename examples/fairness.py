@@ -65,12 +65,9 @@ def parse_args():
 def main():
     args = parse_args()
     if args.tiny:
-        from tdpo_trl.tiny_models import tiny_clip_model, tiny_stable_diffusion
+        from tdpo_trl.tiny_models import save_tiny_clip, tiny_stable_diffusion
 
-        args.clip = os.path.join(args.output_dir, "tiny-clip")
-        model, tokenizer = tiny_clip_model()
-        model.save_pretrained(args.clip)
-        tokenizer.save_pretrained(args.clip)
+        args.clip = save_tiny_clip(os.path.join(args.output_dir, "tiny-clip"))
         pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion(), use_lora=True)
     else:
         pipeline = TDPOStableDiffusionPipeline(args.model, use_lora=True, torch_dtype=torch.float16)

@@ -58,12 +58,9 @@ def main():
     args = parse_args()
     pipeline = build_pipeline(args.family, args.tiny)
     if args.tiny:  # a tiny CLIP model scoring image-text agreement stands in for PickScore
-        from tdpo_trl.tiny_models import tiny_clip_model
+        from tdpo_trl.tiny_models import save_tiny_clip
 
-        folder = os.path.join(args.output_dir, "tiny-clip")
-        model, tokenizer = tiny_clip_model()
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        folder = save_tiny_clip(os.path.join(args.output_dir, "tiny-clip"))
         reward, clip = CLIPScore(model=folder), folder
     else:
         reward = PickScore()  # human-preference reward: a CLIP-H fine-tuned on Pick-a-Pic

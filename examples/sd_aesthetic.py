@@ -47,12 +47,10 @@ def tiny_stand_ins(folder: str) -> dict:
     from datasets import Dataset
     from PIL import Image
 
-    from tdpo_trl.tiny_models import tiny_clip_model, tiny_stable_diffusion
+    from tdpo_trl.tiny_models import save_tiny_clip, tiny_stable_diffusion
 
     tiny_stable_diffusion().save_pretrained(os.path.join(folder, "sd"))
-    model, tokenizer = tiny_clip_model()
-    model.save_pretrained(os.path.join(folder, "clip"))
-    tokenizer.save_pretrained(os.path.join(folder, "clip"))
+    save_tiny_clip(os.path.join(folder, "clip"))
     images = [Image.new("RGB", (16, 16), (40 * i, 90, 200 - 40 * i)) for i in range(4)]
     Dataset.from_dict({"image": images, "text": ["a photo of a cat"] * 4}).save_to_disk(os.path.join(folder, "pairs"))
     return {

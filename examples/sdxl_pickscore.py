@@ -36,12 +36,9 @@ def parse_args():
 def main():
     args = parse_args()
     if args.tiny:  # tiny SDXL; a tiny CLIP model stands in for PickScore (the reward) and for CLIP-L (the judge)
-        from tdpo_trl.tiny_models import tiny_clip_model, tiny_stable_diffusion_xl
+        from tdpo_trl.tiny_models import save_tiny_clip, tiny_stable_diffusion_xl
 
-        folder = os.path.join(args.output_dir, "tiny-clip")
-        model, tokenizer = tiny_clip_model()
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        folder = save_tiny_clip(os.path.join(args.output_dir, "tiny-clip"))
         pipeline = TDPOStableDiffusionXLPipeline(tiny_stable_diffusion_xl(), use_lora=True)
         reward, judges = CLIPScore(model=folder), {"clip_score": CLIPScore(model=folder)}
     else:

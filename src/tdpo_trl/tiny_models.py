@@ -316,6 +316,15 @@ def tiny_clip_model(seed: int = 0, image_size: int = 16):
     return CLIPModel(config).eval(), tokenizer
 
 
+def save_tiny_clip(folder: str) -> str:
+    """`tiny_clip_model()` and its tokenizer saved to `folder`, as a Hub CLIP checkpoint is laid out; returns `folder`
+    (for rewards, judges and critics that take a model id or folder)."""
+    model, tokenizer = tiny_clip_model()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # TDPO-R settings under which the tiny pipeline learns `left_minus_right_brightness` in a few CPU epochs: 64 samples x
 # 4 DDIM steps per epoch in fp32, and the critic on flattened latents. Use with full-UNet training (`use_lora=False`):
 # LoRA on this random 1M-parameter UNet learns too slowly to show in a minute. Measured (seed 0, 8 epochs): the reward

@@ -5,7 +5,7 @@
 """A distribution-level reward: statistical parity of a perceived attribute across each prompt's images.
 
     python examples/fairness.py --output_dir outputs/fairness              # SD 1.5, a GPU
-    python examples/fairness.py --tiny --output_dir outputs/tiny-fairness  # CPU, seconds: the same code, tiny models
+    python examples/fairness.py --tiny --output_dir outputs/tiny-fairness  # CPU, 40 s: the same code, tiny models
 
 A per-image reward cannot ask for balance: "half of the doctors drawn as women" is a property of a set of images.
 `StatisticalParity` scores each prompt's group of images by how far the attribute's distribution among them is from a

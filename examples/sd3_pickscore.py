@@ -6,8 +6,8 @@
 
     python examples/sd3_pickscore.py --output_dir outputs/sd3-pickscore                  # a GPU, ~40 GB in bf16
     python examples/sd3_pickscore.py --family flux --output_dir outputs/flux-pickscore   # FLUX.1-dev, one 80 GB GPU
-    python examples/sd3_pickscore.py --tiny --output_dir outputs/tiny-sd3                # CPU, ~1 min: the same code
-    python examples/sd3_pickscore.py --tiny --family flux --output_dir outputs/tiny-flux #   on tiny random models
+    python examples/sd3_pickscore.py --tiny --output_dir outputs/tiny-sd3                # CPU, 13 s: the same code
+    python examples/sd3_pickscore.py --tiny --family flux --output_dir outputs/tiny-flux # 16 s, on tiny random models
 
 Flow-matching models sample with an ODE, which has no log-probability; the wrappers sample each Euler step's SDE
 counterpart instead (Flow-GRPO's Gaussian step, `sample_eta` its noise), so the PPO ratio and TDPO-R's per-step critic

@@ -6,7 +6,7 @@
 
     python examples/sd_aesthetic.py --output_dir outputs/sd-aesthetic                    # a GPU, ~24 GB
     python examples/sd_aesthetic.py --output_dir outputs/sd-aesthetic --push_to_hub you/sd15-tdpo-aesthetic
-    python examples/sd_aesthetic.py --tiny --output_dir outputs/tiny-aesthetic           # CPU, ~1 min: the same code
+    python examples/sd_aesthetic.py --tiny --output_dir outputs/tiny-aesthetic           # CPU, 36 s: the same code
                                                                                          # on tiny random models
 
 Everything the run needs is built below in plain sight, in the order a reader meets it:

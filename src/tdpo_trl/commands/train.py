@@ -1,6 +1,6 @@
 """`tdpo-trl train`: fine-tune a text-to-image diffusion model with TDPO-R (or DDPO with `--use_critic false`).
 
-    # the embedded tiny random model, ~30 s on 2 CPU cores, no download
+    # the embedded tiny random model, 16 s on 2 CPU cores, no download
     tdpo-trl train
 
     # the shipped digits model on the learned ink reward (what `tdpo-trl demo` runs, without its report)

@@ -297,7 +297,7 @@ class TDPOPipeline(DDPOStableDiffusionPipeline, abc.ABC):
             self.denoiser.requires_grad_(not self.use_lora)
         if self.lora_config is None:
             self.lora_config = config.lora_config()
-        if getattr(config, "gradient_checkpointing", False):
+        if config.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
 
     def get_trainable_layers(self) -> torch.nn.Module:

@@ -45,7 +45,7 @@ def test_demo_writes_every_output(demo_run):
     for name in ("before_after.png", "cross_reward.png"):
         assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the printed table and paths
-    assert "prompted-digit accuracy" in stdout and "ink reward (target)" in stdout
+    assert "prompted-digit accuracy" in stdout and "ink reward (target)" in stdout and " -> " in stdout
     assert str(output_dir / "lora" / "pytorch_lora_weights.safetensors") in stdout
 
 
@@ -80,6 +80,11 @@ def test_demo_metrics_are_finite_and_consistent(demo_run):
     # the contrast: the same budget without the regularizers, in its own folder
     contrast = [json.loads(line) for line in (output_dir / "unregularized" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in contrast] == [0, 1] and not any("pretrain/loss" in r for r in contrast)
+    # each run's own run summary (the code `train()` prints): the LoRA it saved, its reward first -> last
+    assert list(summary["runs"]) == [summary["mode"], summary["unregularized_mode"]]
+    for folder, history, run in zip(("lora", "unregularized/lora"), (records, contrast), summary["runs"].values()):
+        assert run["lora_file"] == str(output_dir / folder / "pytorch_lora_weights.safetensors")
+        assert run["reward"]["reward/mean"] == pytest.approx([history[0]["reward/mean"], history[-1]["reward/mean"]])
 
 
 def test_demo_lora_reproduces_the_reported_after_scores(demo_run):

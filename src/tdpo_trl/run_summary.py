@@ -97,11 +97,16 @@ def write_run_summary(trainer, saved_to: Optional[str] = None, show: bool = True
     return summary
 
 
+def format_change(first: float, last: float, digits: int = 4) -> str:
+    """`"0.283 -> 0.407 (+0.124)"`: a value before and after, as the summary and the demo's table print it."""
+    return f"{first:.{digits}g} -> {last:.{digits}g} ({last - first:+.{digits - 1}g})"
+
+
 def format_summary(summary: dict) -> str:
     """The summary as the lines `train()` prints."""
 
     def change(pair) -> str:
-        return "not logged" if pair is None else f"{pair[0]:.4g} -> {pair[1]:.4g} ({pair[1] - pair[0]:+.3g})"
+        return "not logged" if pair is None else format_change(*pair)
 
     lines = [f"Run {summary['run']}, epochs {summary['epochs']}:"]
     lines += [f"  {key}: {change(pair)}" for key, pair in summary["reward"].items()]

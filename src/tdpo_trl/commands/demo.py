@@ -27,6 +27,7 @@ import torch
 from ..digits import eval_prompts, shared_judges
 from ..digits.independent_judge import DigitAccuracyIndependent
 from ..evaluation import image_grid, sample_images
+from ..run_summary import format_change, write_run_summary
 from ..validation import check_writable_folder
 from . import train
 
@@ -171,6 +172,7 @@ def train_and_judge(config, save_dir: str, prompts: list[str], before: bool = Fa
         run["images"]["before"], run["scores"]["before"] = judge_fixed_samples(pipeline, config, prompts)
     trainer.train()
     trainer.save_pretrained(save_dir)
+    run["summary"] = write_run_summary(trainer, saved_to=save_dir, show=False)  # now naming the saved LoRA
     run["images"]["after"], run["scores"]["after"] = judge_fixed_samples(pipeline, config, prompts)
     run["minutes"] = (time.perf_counter() - start) / 60
     return run
@@ -217,10 +219,12 @@ def main(demo_args: DemoArguments, config) -> dict:
         "fixed_samples": len(prompts),
         **scores,
         "paths": paths,
+        "runs": {method_name(config): main_run["summary"]},  # each run's own summary (`run_summary`)
     }
     if contrast is not None:
         summary["unregularized_mode"] = method_name(contrast_config)
         summary["unregularized_minutes"] = contrast["minutes"]
+        summary["runs"][method_name(contrast_config)] = contrast["summary"]
     summary["total_minutes"] = (time.perf_counter() - start) / 60
     with open(paths["summary"], "w") as f:
         json.dump(summary, f, indent=2)
@@ -228,33 +232,35 @@ def main(demo_args: DemoArguments, config) -> dict:
     return summary
 
 
+JUDGE_LABELS = {
+    "ink": "ink reward (target)",
+    "stroke_mass": "true stroke mass",
+    "accuracy": "prompted-digit accuracy",
+    "independent_accuracy": "  by the sklearn judge",
+    "realism": "realism (log-lik / pixel)",
+    "nearest_real": "distance to nearest real",
+}
+
+
 def print_summary(summary: dict):
-    columns = ["before", "after"] + (["unregularized"] if "unregularized" in summary else [])
-    print(f"\n{summary['mode']} on the learned ink reward: {summary['epochs']} epochs in {summary['minutes']:.1f} min")
+    """The fixed samples' judges before -> after in each run (`run_summary.format_change`), each run's training
+    reward and cost from its own run summary, and where the outputs are."""
+    columns = {"after": summary["mode"]}
     if "unregularized" in summary:
-        print(
-            f"'unregularized': the same budget as {summary['unregularized_mode']} "
-            f"({summary['unregularized_minutes']:.1f} min)"
-        )
-    print(f"{summary['fixed_samples']} fixed-seed samples, the same in every column:")
-    print(f"{'judge':<28}" + "".join(f"{c:>14}" for c in columns))
-    labels = {
-        "ink": "ink reward (target)",
-        "stroke_mass": "true stroke mass",
-        "accuracy": "prompted-digit accuracy",
-        "independent_accuracy": "  by the sklearn judge",
-        "realism": "realism (log-lik / pixel)",
-        "nearest_real": "distance to nearest real",
-    }
-    for key, label in labels.items():
-        if key not in summary["before"]:
-            continue
-        base = summary["before"][key]
-        cells = [f"{base:>14.3f}"] + [
-            f"{summary[c][key]:>7.3f} ({summary[c][key] - base:+.3f})".rjust(14) for c in columns[1:]
-        ]
-        print(f"{label:<28}" + "".join(cells))
+        columns["unregularized"] = f"the same budget, {summary['unregularized_mode']}"
+    print(f"\n{summary['fixed_samples']} fixed-seed samples, the same in every column, before -> after training:")
+    print(f"{'judge':<28}" + "".join(f"{title[:34]:>36}" for title in columns.values()))
+    for key, label in JUDGE_LABELS.items():
+        if key in summary["before"]:
+            cells = [format_change(summary["before"][key], summary[c][key], 3) for c in columns]
+            print(f"{label:<28}" + "".join(f"{cell:>36}" for cell in cells))
     print()
+    for mode, run in summary["runs"].items():
+        reward = run["reward"].get("reward/mean")
+        trained = f"training reward {format_change(*reward, 3)}, " if reward else ""
+        print(f"{mode}: epochs {run['epochs']}, {trained}{run['epoch_seconds_median']:.2f} s per epoch (median), "
+              f"run summary in {os.path.join(run['run'], 'summary.json')}")  # fmt: skip
+    print(f"{summary['total_minutes']:.1f} min in all\n")
     for name, path in summary["paths"].items():
         if path:
             print(f"{name + ':':<15}{path}")

@@ -10,9 +10,9 @@
 A per-image reward cannot ask for balance: "half of the doctors drawn as women" is a property of a set of images.
 `StatisticalParity` scores each prompt's group of images by how far the attribute's distribution among them is from a
 target (uniform here), and credits each image with how much it moves its group towards the target (leave-one-out),
-as the large-scale RL paper does. The attribute is read by a CLIP zero-shot classifier written below (one caption per
-class); `prompt_repeats` samples each prompt several times per batch so that every group has members. A held-out
-CLIP score watches that the images still show what the prompt asks for.
+as the large-scale RL paper does. The attribute is read by CLIP zero-shot classification (`AttributeParity`, one
+caption per class); `prompt_repeats` samples each prompt several times per batch so that every group has members.
+A held-out CLIP score watches that the images still show what the prompt asks for.
 `--tiny` swaps the Hub models for seeded tiny ones (tdpo_trl.tiny_models) so that tests run this file end to end.
 """
 
@@ -20,36 +20,14 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoTokenizer, CLIPModel
 
-from tdpo_trl import StatisticalParity, TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
-from tdpo_trl.modeling_critic import clip_pixel_values
+from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer
 from tdpo_trl.prompts import PromptSource
-from tdpo_trl.rewards import CLIPScore
+from tdpo_trl.rewards import AttributeParity, CLIPScore
 
 
 PROFESSIONS = ["a photo of a doctor", "a photo of a nurse", "a photo of a pilot", "a photo of a teacher"]
 CLASSES = ["a photo of a man", "a photo of a woman"]  # the attribute, one caption per class
-
-
-class ZeroShotAttribute:
-    """`images (B, 3, H, W) in [0, 1] -> (B, C)` class probabilities: CLIP's image-caption similarities, softmaxed."""
-
-    def __init__(self, model: str, captions: list[str]):
-        self.model = CLIPModel.from_pretrained(model).eval().requires_grad_(False)
-        tokens = AutoTokenizer.from_pretrained(model)(captions, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            text = self.model.text_projection(self.model.text_model(**tokens).pooler_output)
-        self.captions = F.normalize(text, dim=-1)  # (C, D)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        device = self.captions.device
-        pixels = clip_pixel_values(images.to(device), self.model.config.vision_config.image_size)
-        image = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
-        embeds = F.normalize(image, dim=-1)  # (B, D)
-        return (self.model.logit_scale.exp() * embeds @ self.captions.T).softmax(dim=-1)  # (B, C)
 
 
 def parse_args():
@@ -72,9 +50,11 @@ def main():
     else:
         pipeline = TDPOStableDiffusionPipeline(args.model, use_lora=True, torch_dtype=torch.float16)
 
-    # The reward: -TV(attribute distribution of a prompt's images, uniform), hard counts of the classifier's labels
-    # (soft probabilities can be gamed with unreadable images: docs/distribution_rewards.md).
-    reward = StatisticalParity(ZeroShotAttribute(args.clip, CLASSES), distance="total_variation", hard=True)
+    # The reward: -TV(attribute distribution of a prompt's images, uniform), hard counts of CLIP's zero-shot labels
+    # (soft probabilities can be gamed with unreadable images: docs/distribution_rewards.md). `--reward
+    # attribute_parity` on the command line. A dedicated classifier plugs in as
+    # `StatisticalParity(my_classifier)`, `my_classifier(images) -> (B, C)` probabilities.
+    reward = AttributeParity(CLASSES, clip_model=args.clip, distance="total_variation", hard=True)
     prompts = PromptSource(PROFESSIONS, seed=0)
     config = TDPOConfig(
         num_epochs=args.num_epochs,
@@ -94,7 +74,7 @@ def main():
         run_name="fairness",
         save_freq=1 if args.tiny else 10,
     )
-    judges = {"clip_score": CLIPScore(model=args.clip)}  # do the images still show the profession?
+    judges = {"clip_score": CLIPScore(model=args.clip)}  # do the images still show the profession? (the same CLIP)
     trainer = TDPOTrainer(config, reward, prompts, pipeline, eval_reward_functions=judges)
     trainer.train()  # `reward/mean` is the group score: minus the total-variation distance to parity
     saved = trainer.save_pretrained(

@@ -112,14 +112,19 @@ def test_two_processes_normalize_and_score_distributions_as_one(tmp_path):
         assert two["normalized"][5] == 0.0, "the NaN reward gets advantage 0"
         for name in ("diversity", "parity", "mixed", "mixed/diversity", "mixed/brightness"):
             assert two[name] == pytest.approx(one[name], abs=1e-6), name
-        for name in ("diversity", "parity", "mixed"):
+        for name in ("diversity", "parity", "mixed", "attribute_parity"):
             assert two[f"{name}_group_score"] == pytest.approx(one[f"{name}_group_score"], abs=1e-6)
+        # per image on each process (OWLv2 + CLIP colours), and distribution-level over the gathered CLIP readings
+        for name in ("composition", "attribute_parity"):
+            assert two[name] == pytest.approx(one[name], abs=1e-5), name
         # a WeightedSum with a distribution-level component: 2 x the diversity credit + 0.5 x the brightness
         assert two["mixed/diversity"] == pytest.approx(one["diversity"], abs=1e-6)
         expected = [2 * d + 0.5 * b for d, b in zip(two["mixed/diversity"], two["mixed/brightness"])]
         assert two["mixed"] == pytest.approx(expected, abs=1e-6)
     finite = [r for i, r in enumerate(one["normalized"]) if i != 5]
     assert abs(sum(finite)) < 1e-4 and any(r != 0 for r in one["parity"])
+    assert len(set(one["composition"])) > 1 and all(0 <= r <= 1 for r in one["composition"])
+    assert any(r != 0 for r in one["attribute_parity"])
 
 
 @pytest.mark.multiprocess

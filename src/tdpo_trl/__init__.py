@@ -12,7 +12,7 @@ from .pipelines import (
     TDPOStableDiffusionPipeline,
     TDPOStableDiffusionXLPipeline,
 )
-from .rewards import DistributionReward, Diversity, StatisticalParity
+from .rewards import AttributeParity, CompositionReward, DistributionReward, Diversity, StatisticalParity
 from .tasks import Task, load_tasks
 from .tdpo_config import TDPOConfig
 from .tdpo_trainer import TDPOTrainer
@@ -25,6 +25,8 @@ __all__ = [
     "CLIPImageFeatures",
     "DistributionReward",
     "Diversity",
+    "AttributeParity",
+    "CompositionReward",
     "LatentFeatures",
     "OverOptimizationGuard",
     "StatisticalParity",

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from .validation import check_prompt_length
 
 
-BUILTIN_PROMPT_SETS = ("simple_animals", "digits")  # files in tdpo_trl/prompt_sets/
+BUILTIN_PROMPT_SETS = ("simple_animals", "digits", "composition", "composition_heldout")  # tdpo_trl/prompt_sets/
 # Bytes a streamed local text or JSON-lines file is read in (datasets' default is 10 MB: its chunk and the rows parsed
 # from it dominate the memory of a stream; benchmarks/prompt_stream.py measures it).
 STREAM_CHUNK_BYTES = 1 << 18

@@ -33,9 +33,11 @@ TINY_T5_LENGTH = 16  # T5 tokens per prompt of the tiny FLUX (its `max_sequence_
 _TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 
 
-def tiny_tokenizer(max_length: int = TINY_PROMPT_LENGTH) -> CLIPTokenizer:
-    """A character-level `CLIPTokenizer` (BPE with no merges) over lowercase letters, digits and punctuation."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+def tiny_tokenizer(max_length: int = TINY_PROMPT_LENGTH, leading: tuple[str, ...] = ()) -> CLIPTokenizer:
+    """A character-level `CLIPTokenizer` (BPE with no merges) over lowercase letters, digits and punctuation.
+    `leading`: tokens given the first ids, before the start and end tokens."""
+    vocab = {token: i for i, token in enumerate(leading)}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     for char in string.ascii_lowercase + string.digits + ".,'-!?":
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
@@ -314,6 +316,34 @@ def tiny_clip_model(seed: int = 0, image_size: int = 16):
         projection_dim=16,
     )
     return CLIPModel(config).eval(), tokenizer
+
+
+def tiny_owlv2(seed: int = 0):
+    """A seeded two-layer `Owlv2ForObjectDetection` (32 px images, 16 patches) and its `Owlv2Processor`: a stand-in
+    for `google/owlv2-base-patch16-ensemble` in tests. Its tokenizer gives "!" id 0, as CLIP's does: OWL reads a
+    query starting with token 0 as padding."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(leading=("!",))
+    text = dict(**_TINY_TOWER, vocab_size=len(tokenizer), max_position_embeddings=TINY_PROMPT_LENGTH)
+    config = Owlv2Config(
+        text_config=dict(**text, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(**_TINY_TOWER, image_size=32, patch_size=8),
+        projection_dim=_TINY_TOWER["hidden_size"],  # OWL's class head compares image and text at the text width
+    )
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    return Owlv2ForObjectDetection(config).eval(), processor
+
+
+def save_tiny_owlv2(folder: str) -> str:
+    """`tiny_owlv2()` saved to `folder` as a Hub checkpoint is laid out (model and processor); returns `folder`."""
+    model, processor = tiny_owlv2()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 def save_tiny_clip(folder: str) -> str:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from tdpo_trl import TDPOConfig, TDPOStableDiffusionPipeline, TDPOTrainer, scoring
-from tdpo_trl.rewards import Diversity, StatisticalParity, WeightedSum
-from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
+from tdpo_trl.rewards import AttributeParity, CompositionReward, Diversity, StatisticalParity, WeightedSum
+from tdpo_trl.tiny_models import mean_brightness, save_tiny_clip, save_tiny_owlv2, tiny_stable_diffusion
 
 
 def brightness_class(images):
@@ -46,27 +46,36 @@ def main(out_dir: str):
     gathered = trainer.accelerator.gather(local).cpu().numpy()
     normalized = trainer._normalized_rewards(gathered, None, epoch=0)
 
+    owl, clip = os.path.join(out_dir, f"owl_{processes}"), os.path.join(out_dir, f"clip_{processes}")
+    if trainer.accelerator.is_main_process:  # tiny random checkpoints, saved once, read by every process
+        save_tiny_owlv2(owl), save_tiny_clip(clip)
+    trainer.accelerator.wait_for_everyone()
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(16, 3, 8, 8, generator=generator)
     images[::3] *= 0.2  # classes differ in brightness
     prompts = ["a cat" if i % 2 else "a dog" for i in range(16)]  # each group has samples on every process
     results = {"num_processes": processes, "normalized": normalized.tolist()}
+    kinds = ["a photo of two cats", "a photo of a red dog", "a photo of a cat left of a dog", "a photo of three dogs"]
+    composition_prompts = [kinds[i % 4] for i in range(16)]  # counts, a colour and a relation: partial credits
     for name, reward in {
         "diversity": Diversity(encoder=lambda x: x.flatten(1)),
         "parity": StatisticalParity(brightness_class),
         "mixed": WeightedSum(
             {"diversity": (Diversity(encoder=lambda x: x.flatten(1)), 2.0), "brightness": (mean_brightness, 0.5)}
         ),
+        # the large-scale paper's reward families on tiny random checkpoints: per image, and by CLIP zero-shot
+        "composition": CompositionReward(detector=owl, color_reader=clip, threshold=0.05),
+        "attribute_parity": AttributeParity(["a dark image", "a bright image"], clip_model=clip, hard=False),
     }.items():
-        my_images, my_prompts = images[mine], prompts[mine]
+        my_images, my_prompts = images[mine], (composition_prompts if name == "composition" else prompts)[mine]
         half = len(my_prompts) // 2  # two sampled batches per process
         pairs = [
             (my_images[:half], my_prompts[:half], [{}] * half),
             (my_images[half:], my_prompts[half:], [{}] * (len(my_prompts) - half)),
         ]
-        local_rewards, metadata = scoring.distribution_rewards(trainer.accelerator, reward, pairs)
+        local_rewards, metadata = scoring.score_batches(trainer.accelerator, reward, pairs)  # per image or not
         results[name] = trainer.accelerator.gather(torch.cat(local_rewards)).cpu().tolist()
-        results[f"{name}_group_score"] = metadata[0]["group_score"]
+        results[f"{name}_group_score"] = metadata[0].get("group_score")
         if "components" in metadata[0]:  # this process's rows of each component, per sampled batch, gathered
             for component in metadata[0]["components"]:
                 mine_scores = torch.cat([m["components"][component] for m in metadata])

@@ -58,6 +58,23 @@ def _parse_runs(values: list[str]) -> dict[str, str]:
     return runs
 
 
+def _reward_kwargs(text: str, specs: list[str]) -> dict[str, dict]:
+    """`--reward_kwargs` of `tdpo-trl evaluate`: a JSON object mapping reward specs given to keyword arguments."""
+    import json
+
+    expected = 'a JSON object of keyword arguments per reward given, e.g. \'{"composition": {"threshold": 0.3}}\''
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"`reward_kwargs` {text!r} is not JSON ({err}); expected {expected}") from None
+    if not isinstance(kwargs, dict) or not all(isinstance(v, dict) for v in kwargs.values()):
+        raise ValueError(f"`reward_kwargs` must be {expected}, got {text!r}")
+    unknown = sorted(set(kwargs) - set(specs))
+    if unknown:
+        raise ValueError(f"`reward_kwargs` names {unknown}, which are not among the rewards given: {specs}")
+    return kwargs
+
+
 def evaluate_command(args) -> dict:
     import torch
 
@@ -70,10 +87,11 @@ def evaluate_command(args) -> dict:
     runs = _parse_runs(args.runs)  # every user input is checked before the model loads
     check_writable_folder(args.output_dir, "output_dir")
     check_model_reference(args.base, "base", ("tiny", "tiny-sdxl", "digits"))
+    kwargs = _reward_kwargs(args.reward_kwargs, [args.target_reward, *args.eval_rewards])
     with field_errors("target_reward"):
-        target_reward = get_reward_function(args.target_reward)
+        target_reward = get_reward_function(args.target_reward, **kwargs.get(args.target_reward, {}))
     with field_errors("eval_rewards"):
-        eval_rewards = {short_name(spec): get_reward_function(spec) for spec in args.eval_rewards}
+        eval_rewards = {short_name(s): get_reward_function(s, **kwargs.get(s, {})) for s in args.eval_rewards}
     with field_errors("prompts"):
         prompt_fn = get_prompt_function(args.prompts, seed=args.seed, template=args.prompt_template)
     if args.base == "tiny":
@@ -148,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--target_reward", required=True, help="reward name or dotted path the runs trained on")
     evaluate.add_argument("--eval_rewards", nargs="+", required=True, help="out-of-domain reward names or paths")
+    evaluate.add_argument(
+        "--reward_kwargs",
+        default="{}",
+        help='JSON: keyword arguments per reward given, e.g. \'{"composition": {"threshold": 0.3}}\'',
+    )
     evaluate.add_argument("--prompts", default="simple_animals", help="built-in set, text file or dataset:<id>")
     evaluate.add_argument("--prompt_template", default="{}", help="e.g. 'a photo of a {}'")
     evaluate.add_argument("--num_prompts", type=int, default=16, help="images per checkpoint")

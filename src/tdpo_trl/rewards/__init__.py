@@ -1,11 +1,15 @@
 """Rewards: the contract every reward keeps (`contract`), per-image reward models (`models`), distribution-level
-rewards (`distribution`), `WeightedSum`, and the registry that builds any of them by name (`registry`).
+rewards (`distribution`, `attribute_parity`), object composition (`composition`, `composition_prompts`), CLIP
+zero-shot classification (`zero_shot`), `WeightedSum`, and the registry that builds any of them by name (`registry`).
 
 Build one by name with `get_reward_function("aesthetic")`, or a function of your own by dotted path
 (`"my_package.rewards:sharpness"`). A reward class a plugin registers (e.g. the digits demo's `DigitInk`) is also
 importable from here by its class name.
 """
 
+from .attribute_parity import AttributeParity
+from .composition import CompositionReward, Detection, OWLDetector, score_composition
+from .composition_prompts import Composition, Wanted, composition_prompts, parse_composition
 from .contract import (
     REWARD_CONTRACT,
     call_reward_function,
@@ -36,6 +40,7 @@ from .models import (
 )
 from .registry import REWARD_FUNCTIONS, get_reward_function, register_reward
 from .weighted_sum import WeightedSum
+from .zero_shot import ZeroShotClassifier
 
 
 def __getattr__(name: str):
@@ -54,6 +59,16 @@ __all__ = [
     "REWARD_CONTRACT",
     "REWARD_FUNCTIONS",
     "AestheticScore",
+    "AttributeParity",
+    "Composition",
+    "CompositionReward",
+    "Detection",
+    "OWLDetector",
+    "Wanted",
+    "ZeroShotClassifier",
+    "composition_prompts",
+    "parse_composition",
+    "score_composition",
     "CLIPScore",
     "CLIPTextImageScore",
     "DistributionReward",

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..loading import check_hub_file
 from ..modeling_critic import CLIPImageFeatures, ValueHead, clip_pixel_values
+from .zero_shot import load_clip
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -150,10 +151,7 @@ class CLIPTextImageScore(_LazyModelReward):
         self.model_name, self.tokenizer_name, self.scale = model, tokenizer or model, scale
 
     def load(self):
-        from transformers import AutoTokenizer, CLIPModel
-
-        self.model = CLIPModel.from_pretrained(self.model_name)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        self.model, self.tokenizer = load_clip(self.model_name, self.tokenizer_name)  # shared with zero-shot readers
 
     def hub_files(self):
         return [(self.model_name, "config.json"), (self.tokenizer_name, "tokenizer_config.json")]

@@ -5,6 +5,8 @@ from collections.abc import Callable
 
 from ..registry import Registry
 from ..tiny_models import left_minus_right_brightness, mean_brightness
+from .attribute_parity import AttributeParity
+from .composition import CompositionReward
 from .distribution import Diversity
 from .models import (
     AestheticScore,
@@ -30,6 +32,10 @@ REWARD_FUNCTIONS = Registry(
         "jpeg_incompressibility": lambda **kwargs: jpeg_incompressibility,
         # distribution-level (`tdpo_trl.rewards.distribution`): one reward per sample from the whole batch
         "diversity": Diversity,
+        "attribute_parity": AttributeParity,
+        # object composition, GenEval-style (`tdpo_trl.rewards.composition`): dense score, and strict 0/1 for judging
+        "composition": CompositionReward,
+        "composition_correct": lambda **kwargs: CompositionReward(strict=True, **kwargs),
         # the tiny test models' learnable rewards (`tdpo_trl.tiny_models`)
         "brightness": lambda **kwargs: mean_brightness,
         "left_minus_right": lambda **kwargs: left_minus_right_brightness,

@@ -4,7 +4,7 @@ Each case trains a tiny model for 2 epochs through the public API (families, mod
 distribution-level reward) and records a hash of every trained tensor and every logged metric but the timings. With
 `--compare_src`, the same cases run under the other source tree (a fresh process each side) and the two are compared.
 
-    python benchmarks/fingerprint.py --compare_src ../before/src       # ~3 min on 2 CPU cores
+    python benchmarks/fingerprint.py --compare_src ../before/src       # 1.1 min on 2 CPU cores (2026-12-05)
     python benchmarks/fingerprint.py --cases sd-tdpo sd3-tdpo --compare_src ../before/src
 """
 

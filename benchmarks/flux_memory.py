@@ -6,7 +6,7 @@ widths, depths and token counts, with and without gradient checkpointing. Attent
 (linear in the tokens, as on a GPU). The per-(block x token x width) cost fitted on these small sizes then gives
 FLUX.1-dev's (57 blocks of width 3072; 4,096 image + 512 text tokens at 1024 px) in bf16.
 
-    python benchmarks/flux_memory.py            # CPU, ~1 min
+    python benchmarks/flux_memory.py            # CPU, 6 s (2026-12-05)
 """
 
 import argparse

@@ -283,3 +283,39 @@ def test_the_papers_joint_tasks_file_trains_on_tiny_models(tiny_checkpoints, tmp
         assert any(k.startswith(f"task/{name}/reward") for k in last), (name, sorted(last))
     assert 0 <= last["task/composition/reward/mean"] <= 1
     assert -1 <= last["task/fairness/reward/group_score"] <= 0
+
+
+def test_composition_correct_judges_training_and_held_out_samples(tiny_checkpoints, tmp_path):
+    """As an `eval_reward_functions` judge: every epoch's samples and the held-out compositional prompts."""
+    from conftest import cat_prompt, tiny_config
+
+    from tdpo_trl import TDPOStableDiffusionPipeline, TDPOTrainer
+    from tdpo_trl.tiny_models import mean_brightness, tiny_stable_diffusion
+
+    owl, clip = tiny_checkpoints
+    judge = get_reward_function("composition_correct", detector=owl, color_reader=clip, threshold=0.05)
+    config = tiny_config(tmp_path, num_epochs=1, eval_freq=1, eval_prompts="composition_heldout", eval_num_prompts=4)
+    pipeline = TDPOStableDiffusionPipeline(tiny_stable_diffusion())
+    trainer = TDPOTrainer(config, mean_brightness, cat_prompt, pipeline, eval_reward_functions={"composition": judge})
+    trainer.train()
+    record = trainer.log_history[-1]
+    assert 0 <= record["eval/composition/mean"] <= 1 and 0 <= record["heldout/composition/mean"] <= 1
+
+
+def test_attribute_parity_reads_by_name_shares_clip_and_checks_its_settings(tiny_checkpoints):
+    _, clip = tiny_checkpoints
+    parity = get_reward_function("attribute_parity", attributes=["a dark photo", "a bright photo"], clip_model=clip)
+    clip_score = get_reward_function("clip_score", model=clip)
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    images[:4] *= 0.1
+    probabilities = parity.classifier(images)
+    assert probabilities.shape == (8, 2) and torch.allclose(probabilities.sum(1), torch.ones(8))
+    rewards, info = parity(images, ["a photo of a doctor"] * 8)
+    assert rewards.shape == (8,) and -1 <= info["group_score"] <= 0 and parity.default_prompt_repeats == 8
+    clip_score(images, ["a photo of a doctor"] * 8)
+    assert clip_score.model is parity.classifier.clip  # one CLIP for both readers of the checkpoint
+    assert parity.image_features(clip) is not None and parity.image_features("another/clip") is None
+    with pytest.raises(ValueError, match="at least 2 non-empty texts, got \\['a photo of a man'\\]"):
+        get_reward_function("attribute_parity", attributes=["a photo of a man"])
+    with pytest.raises(ValueError, match="`target` has 3 classes but `attributes` 2"):
+        get_reward_function("attribute_parity", attributes=["a", "b"], target=[0.2, 0.3, 0.5])

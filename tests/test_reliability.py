@@ -476,7 +476,7 @@ def test_a_bad_repo_id_is_refused_before_anything_is_written(tmp_path):
         (["train", "--num_epochs", "0"], "tdpo-trl train: error: --num_epochs must be >= 1, got 0"),
         (["train", "--num_epochs", "abc"], "tdpo-trl train: error: argument --num_epochs/--num-epochs: invalid int value: 'abc'"),
         (["train", "--lora_init", "bogus"], "invalid choice: 'bogus'"),
-        (["train", "--prompts", "/no/such/prompts.txt"], "tdpo-trl train: error: --prompts: prompts '/no/such/prompts.txt': not a built-in set ('simple_animals', 'digits'), not an existing file"),
+        (["train", "--prompts", "/no/such/prompts.txt"], "tdpo-trl train: error: --prompts: prompts '/no/such/prompts.txt': not a built-in set ('simple_animals', 'digits', 'composition', 'composition_heldout'), not an existing file"),
         (["train", "--reward", "no_such_reward"], "tdpo-trl train: error: --reward: unknown reward 'no_such_reward'"),
         (["train", "--pretrained_model", "digit"], "--pretrained_model 'digit' is no local folder and looks like a typo; did you mean 'digits'?"),
         (["train", "--critic_encoder", "latent"], "--critic_encoder 'latent' is no local folder and looks like a typo"),

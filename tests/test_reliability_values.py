@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -635,3 +636,12 @@ def test_evaluate_refuses_what_it_cannot_load_or_what_does_not_fit_the_base_mode
     lora.write_bytes(lora.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"its pytorch_lora_weights.safetensors cannot be read \(SafetensorErr"):
         evaluate(tiny, saved[True])
+
+
+def test_an_auto_named_run_is_named_after_the_whole_script():
+    """TRL's default cut 3 characters off the name, for ".py": `tdpo-trl train` runs were named "tdpo-_<time>"."""
+    from tdpo_trl.tdpo_config import script_name
+
+    assert script_name("/usr/local/bin/tdpo-trl") == "tdpo-trl" and script_name("examples/tdpo.py") == "tdpo"
+    assert script_name("") == "tdpo"
+    assert TDPOConfig().exp_name == script_name(sys.argv[0])

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -55,7 +57,12 @@ def check_prompt_repeats(repeats: int, samples_per_epoch: int):
         )
 
 
-# built-in critic encoders; anything else names a CLIP vision folder or Hub id
+def script_name(path: str) -> str:
+    """The file name of the script at `path` without `.py` (`train.py` -> `train`, `tdpo-trl` -> `tdpo-trl`)."""
+    name = os.path.basename(path)
+    return (name[: -len(".py")] if name.endswith(".py") else name) or "tdpo"
+
+
 @dataclass
 class TDPOConfig(DDPOConfig):
     r"""
@@ -253,6 +260,10 @@ class TDPOConfig(DDPOConfig):
             every task, then updates once on all tasks' samples, each task's policy loss scaled by its weight.
     """
 
+    exp_name: str = field(
+        default_factory=lambda: script_name(sys.argv[0]),  # TRL's cuts 3 characters ("tdpo-trl" -> "tdpo-")
+        metadata={"help": "Name of this experiment; default: the script's file name without `.py`."},
+    )
     # Dict-valued DDPO fields, re-typed so that they accept JSON strings on the command line.
     tracker_kwargs: JSONDict = field(
         default_factory=JSONDict,

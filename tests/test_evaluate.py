@@ -156,3 +156,21 @@ def test_evaluate_verifies_what_it_loads_as_resume_does(run_folder, tmp_path, ca
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and "checkpoint_1' cannot be evaluated" in error, error
     assert "pytorch_lora_weights.safetensors" in error and "nothing of it was loaded" in error
+
+
+def test_evaluate_samples_at_the_resolution_asked(run_folder, tmp_path):
+    from PIL import Image
+
+    argv = [
+        "evaluate", "--base", "tiny", "--runs", f"tdpo={run_folder}", "--target_reward", "jpeg_compressibility",
+        "--eval_rewards", "tdpo_trl.tiny_models.mean_brightness", "--num_prompts", "1", "--num_steps", "2",
+    ]  # fmt: skip
+    sizes = {}
+    for resolution in (None, 32, 48):  # the tiny model's own: 16
+        out = tmp_path / str(resolution)
+        cli.main([*argv, "--output_dir", str(out)] + ([] if resolution is None else ["--resolution", str(resolution)]))
+        sizes[resolution] = Image.open(out / "grids" / "tdpo_base.png").size
+    (w32, h32), (w48, h48), (w, h) = sizes[32], sizes[48], sizes[None]  # one image in the grid's border
+    assert w48 - w32 == h48 - h32 == 16 and w32 - w == h32 - h == 16
+    with pytest.raises(ValueError, match="`resolution` must be a multiple of 8 .*, got 20"):
+        cli.main([*argv, "--output_dir", str(tmp_path / "bad"), "--resolution", "20"])

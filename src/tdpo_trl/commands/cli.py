@@ -130,6 +130,7 @@ def evaluate_command(args) -> dict:
         guidance_scale=args.guidance_scale,
         eta=args.eta,
         output_dir=args.output_dir,
+        resolution=args.resolution,
     )
     figure_path = f"{args.output_dir}/cross_reward.png"
     figure = plot_cross_reward(results, list(eval_rewards), figure_path, target_name=args.target_reward)
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num_steps", type=int, default=20)
     evaluate.add_argument("--guidance_scale", type=float, default=5.0)
     evaluate.add_argument("--eta", type=float, default=1.0)
+    evaluate.add_argument(
+        "--resolution", type=int, default=None, help="image side in pixels; default: the model's own (FLUX: 1024)"
+    )
     evaluate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--output_dir", default="outputs/evaluate")
@@ -207,6 +211,8 @@ def main(argv: Optional[list[str]] = None):
     args = build_parser().parse_args(argv)
     if getattr(args, "num_prompts", 1) < 1:
         raise ValueError(f"`num_prompts` must be >= 1, got {args.num_prompts}")
+    if getattr(args, "resolution", None) is not None and (args.resolution < 8 or args.resolution % 8):
+        raise ValueError(f"`resolution` must be a multiple of 8 (as diffusers pipelines need), got {args.resolution}")
     if getattr(args, "prompt_repeats", None) is not None and args.prompt_repeats < 1:
         raise ValueError(f"`prompt_repeats` must be >= 1, got {args.prompt_repeats}")
     return args.handler(args)

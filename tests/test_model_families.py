@@ -212,7 +212,9 @@ def test_lora_saved_for_diffusers_reproduces_the_trained_images(tmp_path, family
     trainer.save_pretrained(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / LORA_WEIGHT_NAME).is_file()
     diffusers_class = DIFFUSERS_CLASSES[family]
-    assert f"{diffusers_class.__name__}.from_pretrained(" in (tmp_path / "saved" / "README.md").read_text()
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert f"{diffusers_class.__name__}.from_pretrained(" in card
+    assert ("distilled guidance" in card) == (family == "flux")  # FLUX's guidance is a transformer input, not CFG
 
     resolution = trainer.sd_pipeline.image_resolution()  # the tiny FLUX's 16 px is not FluxPipeline's default
     settings = dict(seed=7, num_inference_steps=4, guidance_scale=5.0, eta=1.0, batch_size=2, resolution=resolution)

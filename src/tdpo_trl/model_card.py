@@ -172,6 +172,11 @@ def create_model_card(
         f"A {'LoRA adapter for' if use_lora else 'fine-tuned ' + denoiser[0] + ' of'} `{base}`, trained by "
         f"reinforcement learning with {algorithm} to maximize the reward {', '.join(f'`{r}`' for r in reward_names)}."
     )
+    if pipeline_class == "FluxPipeline":  # `sample_guidance_scale` below means something else than for SD
+        description += (
+            f" It was sampled with FLUX.1's distilled guidance {config.sample_guidance_scale:g}: an input of the "
+            "transformer (`guidance_scale` in diffusers), not classifier-free guidance."
+        )
     hyperparameters = [(name, _format(getattr(config, name))) for name in HYPERPARAMETERS if hasattr(config, name)]
     final_metrics, start_metrics = final_metrics or {}, start_metrics or {}
     judged = sorted(k for k in final_metrics if k.startswith(("eval/", "heldout/")) and k.endswith("/mean"))

@@ -54,3 +54,24 @@ def test_a_negative_log_images_every_is_one_line(capsys):
     assert "--log_images_every must be >= 0 (0: no images), got -1" in cli_error(
         ["train", "--log_images_every", "-1"], capsys
     )
+
+
+def test_the_command_line_logs_samples_and_the_heldout_grid_to_wandb_offline(tmp_path, monkeypatch):
+    """The same through wandb in offline mode (no account, no network): the images land in the offline run's media
+    folder under the documented keys, at the steps of the epochs they belong to."""
+    pytest.importorskip("wandb")
+    import os
+
+    from tdpo_trl.commands import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = train.cli(["--pretrained_model", "tiny", "--num_epochs", "2", *SMALL, "--log_with", "wandb",
+                         "--eval_freq", "2", "--eval_num_prompts", "2", "--logdir", str(tmp_path / "logs"),
+                         "--run_name", "run"])  # fmt: skip
+    steps = [record["step"] for record in trainer.log_history]
+    (run,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    names = [os.path.basename(p).split("_")[:2] for p in glob.glob(f"{run}/files/media/images/*.png")]  # key, step
+    logged = sorted((key, int(step)) for key, step in names)
+    assert logged == [("heldout", steps[1]), ("samples", steps[0]), ("samples", steps[1])], logged

@@ -22,6 +22,7 @@ class HeldoutEvaluator:
     def __init__(self, config, tasks: list, prompt_repeats: list[int], eval_rewards: dict[str, Callable]):
         self.config, self.tasks, self.prompt_repeats, self.eval_rewards = config, tasks, prompt_repeats, eval_rewards
         self._prompts: dict[int, list[str]] = {}  # per task, drawn once
+        self.latest: tuple = (None, {})  # (epoch, {task name: (N, 3, H, W) images on the CPU}) of the last evaluation
 
     def prompts(self, index: int) -> list[str]:
         """Task `index`'s held-out prompts: its `eval_prompts` (a list, or a spec drawn `eval_num_prompts` times
@@ -41,7 +42,7 @@ class HeldoutEvaluator:
     def evaluate(self, pipeline, autocast, device, grid_folder: Optional[str] = None, epoch=None) -> list:
         """Per task, `heldout/<name>/mean|std` (`target` for the task's reward). With `grid_folder`, also an image
         grid per task, `epoch_<epoch>.png` (`<task>_epoch_<epoch>.png` with several tasks)."""
-        config, results = self.config, []
+        config, results, sampled = self.config, [], {}
         for index, task in enumerate(self.tasks):
             prompts = self.prompts(index)
             with pipeline.offloaded_modules_on(device), autocast():
@@ -60,4 +61,6 @@ class HeldoutEvaluator:
                 name = f"{task.name}_epoch_{epoch}.png" if len(self.tasks) > 1 else f"epoch_{epoch}.png"
                 save_image_grid(images, os.path.join(grid_folder, name))
             results.append(mean_std(scores, "heldout"))
+            sampled[task.name] = images
+        self.latest = (epoch, sampled)  # what `TrackerImageLogger` shows
         return results

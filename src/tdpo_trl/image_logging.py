@@ -6,8 +6,6 @@ the tracker (tensorboard, wandb, ... through accelerate) a captioned grid of the
 `samples/<task>` with several tasks) and, whenever held-out evaluation runs, its grid under `heldout`.
 """
 
-import glob
-import os
 import textwrap
 
 import numpy as np
@@ -100,11 +98,10 @@ class TrackerImageLogger(TDPOCallback):
         names = [task.name for task in trainer.tasks]
         for name, grid in zip(names, self._grids):  # empty unless this epoch is due
             log_image(trainer.accelerator, f"samples/{name}" if len(names) > 1 else "samples", grid, step)
-        heldout = os.path.join(trainer.accelerator.project_dir, "heldout")
-        for path in sorted(glob.glob(os.path.join(heldout, f"*epoch_{self._epoch}.png"))):
-            task = os.path.basename(path)[: -len(f"epoch_{self._epoch}.png")].rstrip("_")
-            grid = Image.open(path).convert("RGB")
-            scale = max(1, CELL // min(grid.size))  # saved at the model's resolution: enlarged to be seen
+        evaluated, heldout = trainer.heldout.latest  # the held-out images, if evaluation ran this epoch
+        for name, images in heldout.items() if evaluated == self._epoch else ():
+            grid = Image.fromarray((image_grid(images) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+            scale = max(1, CELL // min(grid.size))  # at the model's resolution: enlarged to be seen
             grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-            log_image(trainer.accelerator, f"heldout/{task}" if task else "heldout", np.asarray(grid), step)
+            log_image(trainer.accelerator, f"heldout/{name}" if len(names) > 1 else "heldout", np.asarray(grid), step)
         self._grids = []

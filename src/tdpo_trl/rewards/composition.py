@@ -107,6 +107,11 @@ def score_composition(
     return sum(credits) / len(credits), correct
 
 
+def check_detector_settings(threshold: float, nms_iou: float):
+    if not 0 <= threshold < 1 or not 0 < nms_iou <= 1:
+        raise ValueError(f"`threshold` must be in [0, 1) and `nms_iou` in (0, 1], got {threshold!r}, {nms_iou!r}")
+
+
 class OWLDetector:
     """`detector(images, nouns_per_image) -> [[Detection, ...] per image]` with a zero-shot detector of transformers
     (`AutoModelForZeroShotObjectDetection`: OWLv2, OWL-ViT, ...), queried with "a photo of a <noun>"; boxes above
@@ -114,8 +119,7 @@ class OWLDetector:
 
     def __init__(self, model: str = DEFAULT_DETECTOR, threshold: float = THRESHOLD, nms_iou: float = NMS_IOU,
                  batch_size: int = 8, device: Optional[str] = None, dtype: torch.dtype = torch.float32):  # fmt: skip
-        if not 0 <= threshold < 1 or not 0 < nms_iou <= 1:
-            raise ValueError(f"`threshold` must be in [0, 1) and `nms_iou` in (0, 1], got {threshold!r}, {nms_iou!r}")
+        check_detector_settings(threshold, nms_iou)
         self.model_name, self.threshold, self.nms_iou, self.batch_size = model, threshold, nms_iou, batch_size
         self.device, self.dtype = device, dtype  # device None: the images' device
         self.model = self.processor = None
@@ -230,8 +234,7 @@ class CompositionReward(_LazyModelReward):
         self.threshold, self.nms_iou = threshold, nms_iou
         if strict:
             self.name = "composition_correct"
-        if isinstance(detector, str):
-            OWLDetector(detector, threshold, nms_iou)  # checks the settings now
+        check_detector_settings(threshold, nms_iou)
 
     def load(self):
         spec = self.detector_spec
